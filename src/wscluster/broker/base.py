@@ -1,0 +1,66 @@
+"""The Broker role: publish/subscribe between nodes.
+
+Contract every implementation keeps (tests/contract/test_broker.py checks it against a real
+server):
+
+- ``publish_nowait`` enqueues synchronously, so calls made in some order are handed to the
+  broker in that order (per-publisher FIFO). The future it returns resolves once the message
+  was accepted by the broker, or fails with ``BrokerUnavailable``; it never resolves for a
+  message that was dropped.
+- ``subscribe`` returns once the broker confirmed the subscription: any message published
+  after that (by anyone) on those channels reaches ``on_message``. Subscriptions are
+  remembered and restored after every reconnect, including ones whose wait failed.
+- ``on_message(channel, payload)`` runs on the event loop and must not block.
+- ``on_state(connected)`` is called on every transition between connected and disconnected
+  (connected means: publishing works and every remembered subscription is in place).
+- Delivery is at-most-once: a message published while a subscriber's link is down is lost
+  for that subscriber. Each implementation's docstring states its own limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+MessageHandler = Callable[[str, bytes], None]
+StateHandler = Callable[[bool], None]
+
+
+class Broker(Protocol):
+    @property
+    def connected(self) -> bool:
+        """True while publishing works and all subscriptions are in place."""
+        ...
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for publishing and not yet accepted by the broker (backpressure)."""
+        ...
+
+    async def start(
+        self, on_message: MessageHandler | None = None, on_state: StateHandler | None = None
+    ) -> None:
+        """Begin connecting; waits up to the connect timeout for the first connection, and
+        keeps retrying in the background (with jittered backoff) if it is not there yet."""
+        ...
+
+    def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
+        """Enqueue a message; the future resolves when the broker accepted it."""
+        ...
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Publish and wait for the broker to accept it; raises BrokerUnavailable."""
+        ...
+
+    async def subscribe(self, channels: Sequence[str]) -> None:
+        """Subscribe and wait for the confirmation; raises BrokerUnavailable on timeout."""
+        ...
+
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
+        """Stop listening; waits for the confirmation when connected."""
+        ...
+
+    async def close(self) -> None:
+        """Stop all tasks and close connections; pending publishes fail."""
+        ...

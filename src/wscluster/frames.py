@@ -1,0 +1,129 @@
+"""Client frames: decoding and validation (client -> server) and encoding of the server's
+replies. Sans-I/O: bytes in, typed commands or protocol errors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .errors import Code, ProtocolError, bad_request
+from .routing import Address, Kind, check_name, parse_address
+
+MAX_ID_LEN = 64
+CORE_TYPES = frozenset({"login", "logout", "join", "leave", "send", "presence", "ping"})
+
+FrameId = int | str | None
+
+
+class RawFrame(msgspec.Struct):
+    """A client frame as sent; types are checked by hand so errors can name the field."""
+
+    type: Any = None
+    id: Any = None
+    to: Any = None
+    data: msgspec.Raw = msgspec.Raw(b"")
+    uid: Any = None
+    token: Any = None
+    group: Any = None
+    presence: Any = None
+
+
+_decoder = msgspec.json.Decoder(RawFrame)
+_encoder = msgspec.json.Encoder()
+
+
+class FrameError(ProtocolError):
+    """A protocol error tied to the id of the frame that caused it."""
+
+    def __init__(self, code: Code, message: str, frame_id: FrameId) -> None:
+        super().__init__(code, message)
+        self.frame_id = frame_id
+
+
+@dataclass(slots=True)
+class Command:
+    """A validated core frame (or an application frame when ``type`` is not a core type)."""
+
+    type: str
+    id: FrameId
+    raw: RawFrame
+    address: Address | None = None  # send / presence
+    name: str | None = None  # login uid / join+leave group
+
+
+def _check_id(value: Any) -> FrameId:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise bad_request("'id' must be an integer or a string")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_ID_LEN:
+        return value
+    raise bad_request(f"'id' must be an integer or a string of at most {MAX_ID_LEN} characters")
+
+
+def parse(payload: bytes | memoryview) -> Command:
+    """Decode one text frame. Raises FrameError with the frame's id where it is known."""
+    try:
+        raw = _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise FrameError(Code.BAD_REQUEST, f"frame must be a JSON object ({exc})", None) from None
+    except msgspec.DecodeError as exc:
+        raise FrameError(Code.BAD_JSON, str(exc), None) from None
+    try:
+        frame_id = _check_id(raw.id)
+    except ProtocolError as exc:
+        raise FrameError(exc.code, exc.message, None) from None
+    try:
+        return _validate(raw, frame_id)
+    except ProtocolError as exc:
+        raise FrameError(exc.code, exc.message, frame_id) from None
+
+
+def _validate(raw: RawFrame, frame_id: FrameId) -> Command:
+    kind = raw.type
+    if not isinstance(kind, str) or not kind:
+        raise bad_request("'type' must be a non-empty string")
+    cmd = Command(kind, frame_id, raw)
+    if kind == "send":
+        cmd.address = parse_address(raw.to)
+        if not raw.data:
+            raise bad_request("'send' needs 'data'")
+    elif kind == "join" or kind == "leave":
+        cmd.name = check_name(raw.group, "group")
+        if kind == "join" and raw.presence is not None and not isinstance(raw.presence, bool):
+            raise bad_request("'presence' must be a boolean")
+    elif kind == "login":
+        if raw.token is not None:
+            if not isinstance(raw.token, str) or not raw.token:
+                raise bad_request("'token' must be a non-empty string")
+        else:
+            cmd.name = check_name(raw.uid, "uid")
+    elif kind == "presence":
+        cmd.address = parse_address(raw.to)
+        if cmd.address.kind not in (Kind.UID, Kind.GROUP):
+            raise bad_request("'presence' takes a uid: or group: address")
+    return cmd
+
+
+# --- server -> client ------------------------------------------------------------------
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return _encoder.encode(obj)
+
+
+def ack(frame_id: FrameId, **result: Any) -> bytes:
+    return _encoder.encode({"type": "ack", "id": frame_id, **result})
+
+
+def error(frame_id: FrameId, code: str, message: str) -> bytes:
+    return _encoder.encode({"type": "error", "id": frame_id, "code": code, "message": message})
+
+
+def pong(frame_id: FrameId) -> bytes:
+    return _encoder.encode({"type": "pong", "id": frame_id})
