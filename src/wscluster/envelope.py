@@ -21,6 +21,7 @@ VERSION = 1
 class Op(IntEnum):
     DELIVER = 1  # push payload to the receivers of `to`
     CLOSE = 2  # close the connections of `to` with `code`
+    PRESENCE = 3  # push payload to the members of group `to` that watch presence
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -69,6 +70,18 @@ def deliver(
     return _envelope_encoder.encode(
         Envelope(VERSION, Op.DELIVER, str(to), payload, binary=binary, exclude=exclude)
     )
+
+
+class PresenceFrame(msgspec.Struct, tag_field="type", tag="presence"):
+    group: str
+    event: str  # "join" | "leave"
+    uid: str | None
+    client_id: str
+
+
+def presence_event(group: str, event: str, uid: str | None, cid: str) -> bytes:
+    frame = _frame_encoder.encode(PresenceFrame(group, event, uid, cid))
+    return _envelope_encoder.encode(Envelope(VERSION, Op.PRESENCE, f"group:{group}", frame))
 
 
 def close(to: Address | str, code: int) -> bytes:

@@ -87,16 +87,18 @@ class Registry(Generic[C]):
         self._entries[cid] = Entry(conn)
 
     def remove(self, cid: str) -> tuple[Entry[C] | None, Interest]:
-        """Forget a connection; returns its last entry and the interest it drops."""
+        """Forget a connection; returns its entry as it was (uid, groups) and the interest
+        it drops."""
         entry = self._entries.get(cid)
         interest = Interest()
         if entry is None:
             return None, interest
+        last = Entry(entry.conn, entry.uid, set(entry.groups))
         for group in list(entry.groups):
             self._leave(cid, entry, group, interest)
         self._unbind(cid, entry, interest)
         del self._entries[cid]
-        return entry, interest
+        return last, interest
 
     def bind(self, cid: str, uid: str | None) -> Interest:
         """Bind (or with None unbind) a uid; re-binding moves the connection."""

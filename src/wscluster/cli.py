@@ -1,0 +1,171 @@
+"""Command line: ``wscluster serve | up | send | status``. Every option also reads
+``WSCLUSTER_<OPTION>`` from the environment (upper case, dashes as underscores)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+import msgspec
+
+from .config import NodeConfig
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get("WSCLUSTER_" + name.upper().replace("-", "_"), default)
+
+
+def _flag(name: str) -> bool:
+    return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def _add(p: argparse.ArgumentParser, name: str, default: Any, kind: Any = str, **kw: Any) -> None:
+    p.add_argument(f"--{name}", default=_env(name, default), type=kind, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wscluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = NodeConfig()
+    s = sub.add_parser("serve", help="run one gateway node")
+    _add(s, "host", d.host)
+    _add(s, "port", d.port, int)
+    _add(s, "api-host", d.api_host)
+    _add(s, "api-port", None, int, help="default: port + 1000")
+    _add(s, "broker", DEFAULT_BROKER, help="redis://host:port/db or memory://")
+    _add(s, "presence", None, help="presence store URL (default: the broker URL)")
+    _add(s, "namespace", d.namespace)
+    _add(s, "node-name", None)
+    s.add_argument("--anonymous", action="store_true", default=_flag("anonymous"),
+                   help="accept any client; `login` takes a uid")  # fmt: skip
+    _add(s, "api-key", None)
+    _add(s, "max-connections", d.max_connections, int)
+    _add(s, "max-message-size", d.max_message_size, int)
+    _add(s, "max-frame-size", d.max_frame_size, int)
+    _add(s, "max-outbox", d.max_outbox, int, help="bytes queued per client before 1013")
+    _add(s, "ping-interval", d.ping_interval, float)
+    _add(s, "node-heartbeat", d.node_heartbeat, float)
+    _add(s, "node-ttl", d.node_ttl, float)
+    _add(s, "drain-timeout", d.drain_timeout, float)
+    _add(s, "log-level", "INFO")
+
+    u = sub.add_parser("up", help="start a local cluster: a broker and N nodes")
+    _add(u, "nodes", 3, int)
+    _add(u, "base-port", 8000, int)
+    _add(u, "host", "127.0.0.1")
+    _add(u, "broker", None, help="use this broker instead of starting an embedded one")
+    _add(u, "namespace", "wsc")
+    _add(u, "log-level", "INFO")
+
+    for name, helptext in (("send", "push a message to an address"),
+                           ("status", "show the cluster's nodes and connections")):  # fmt: skip
+        c = sub.add_parser(name, help=helptext)
+        _add(c, "broker", DEFAULT_BROKER)
+        _add(c, "namespace", "wsc")
+        if name == "send":
+            c.add_argument("--to", required=True, help="client:<id> | uid:<uid> | group:<g> | all")
+            c.add_argument("data", help="JSON value (text that is not JSON is sent as a string)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    names = {f.name for f in fields(NodeConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return NodeConfig(**values)
+
+
+async def _serve(config: NodeConfig) -> int:
+    from .node import Node
+
+    node = Node(config)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.drain()))
+    await node.wait_stopped()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    try:
+        config = node_config(args)
+        config.validate()
+    except (ValueError, TypeError) as exc:
+        print(f"wscluster serve: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(_serve(config))
+
+
+async def _send(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+    from .errors import BrokerUnavailable, ProtocolError
+
+    try:
+        data = msgspec.json.decode(args.data)
+    except msgspec.DecodeError:
+        data = args.data
+    async with Cluster(args.broker, namespace=args.namespace) as cluster:
+        try:
+            await cluster.send(args.to, data)
+        except ProtocolError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return 2
+        except BrokerUnavailable as exc:
+            print(f"error: unavailable: {exc}", file=sys.stderr)
+            return 1
+    print(f"sent to {args.to}")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from .cluster import Cluster
+    from .errors import BrokerUnavailable, PresenceUnavailable
+
+    async with Cluster(args.broker, namespace=args.namespace) as cluster:
+        try:
+            stats = await cluster.stats()
+        except (BrokerUnavailable, PresenceUnavailable) as exc:
+            print(f"error: unavailable: {exc}", file=sys.stderr)
+            return 1
+    print(f"{'node':<40} {'connections':>11} {'ws port':>8} {'api port':>8}  broker")
+    for n in stats["nodes"]:
+        broker = "up" if n.get("broker_connected") else "DOWN"
+        ports = f"{n.get('ws_port', '-'):>8} {n.get('api_port', '-'):>8}"
+        print(f"{n['node']:<40} {n['connections']:>11} {ports}  {broker}")
+    print(f"{len(stats['nodes'])} nodes, {stats['connections']} connections")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "up":
+        from .up import cmd_up
+
+        _setup_logging(args.log_level)
+        return cmd_up(args)
+    _setup_logging("WARNING")
+    runner = _send if args.command == "send" else _status
+    return asyncio.run(runner(args))

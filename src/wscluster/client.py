@@ -1,0 +1,654 @@
+"""Asyncio client for a wscluster node (PROTOCOL.md, version 1), built on picows.
+
+    async with Client("ws://127.0.0.1:8001/ws", uid="alice") as client:
+        await client.join("room1")
+        await client.send("group:room1", {"text": "hi"})
+        async for frame in client:      # `message`, `presence` and unsolicited `error` frames
+            print(frame)
+
+Requests carry integer ids and are matched to their ``ack``/``pong``/``error`` by id.
+When the link drops with a non-terminal close code the client reconnects (capped
+exponential backoff, full jitter), logs in again and re-joins its groups, in that order,
+before it sets ``reconnected``. Requests in flight when the link broke fail with
+:class:`ConnectionClosed`; requests made while reconnecting wait for the new link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from picows import (
+    WSCloseCode,
+    WSError,
+    WSFrame,
+    WSHandshakeError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
+
+from .backoff import Backoff
+
+__all__ = ["Client", "ConnectionClosed", "HandshakeRefused", "ServerError", "connect"]
+
+Frame = dict[str, Any]
+TERMINAL_CLOSE_CODES = frozenset({1008, 4001})  # policy, kicked by the server API
+TERMINAL_STATUSES = frozenset({401, 403})  # bad token, disallowed origin
+RETRY_STATUSES = frozenset({429, 503})  # busy, full or draining: try again later
+REPLY_TYPES = frozenset({"ack", "pong", "error"})
+MAX_RETRY_HINT = 60.0
+log = logging.getLogger(__name__)
+
+
+class ServerError(Exception):
+    """The server answered a request with an ``error`` frame."""
+
+    def __init__(self, code: str, message: str, frame_id: int | str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class ConnectionClosed(Exception):
+    """The link is gone (``code`` is the close code received, None without a close frame)."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"connection closed (code {code}){': ' + reason if reason else ''}")
+        self.code = code
+        self.reason = reason
+
+
+class HandshakeRefused(ConnectionClosed):
+    """The node answered the WebSocket handshake with an HTTP error ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(None, f"handshake refused with HTTP {status}")
+        self.status = status
+
+
+def is_terminal_close(code: int | None) -> bool:
+    """True for close codes after which a client must not reconnect on its own."""
+    return code in TERMINAL_CLOSE_CODES
+
+
+def retry_hint(reason: str) -> float | None:
+    """Seconds to wait from a close reason like ``{"retry_ms": 500}`` (capped), else None."""
+    try:
+        obj = msgspec.json.decode(reason) if reason else None
+    except msgspec.DecodeError:
+        return None
+    ms = obj.get("retry_ms") if isinstance(obj, dict) else None
+    if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
+        return min(ms / 1000.0, MAX_RETRY_HINT)
+    return None
+
+
+def decode_frame(payload: bytes | memoryview) -> Frame | None:
+    """Parse one text frame; None when it is not a JSON object."""
+    try:
+        obj = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class PushQueue:
+    """Bounded queue of pushed frames: ``put`` never blocks, it drops the oldest when full."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._items: collections.deque[Frame] = collections.deque()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed: ConnectionClosed | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, frame: Frame) -> None:
+        if len(self._items) >= self.maxsize:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(frame)
+        self._wake()
+
+    def close(self, exc: ConnectionClosed) -> None:
+        """After the queued frames are consumed, ``get`` raises a copy of ``exc``."""
+        self._closed = exc
+        self._wake()
+
+    async def get(self) -> Frame:
+        while not self._items:
+            if self._closed is not None:
+                raise ConnectionClosed(self._closed.code, self._closed.reason)
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        return self._items.popleft()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+
+class Pending:
+    """Futures of the requests in flight on one connection, keyed by id."""
+
+    def __init__(self) -> None:
+        self._futures: dict[int, asyncio.Future[Frame]] = {}
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def add(self, frame_id: int) -> asyncio.Future[Frame]:
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._futures[frame_id] = fut
+        return fut
+
+    def discard(self, frame_id: int) -> None:
+        self._futures.pop(frame_id, None)
+
+    def resolve(self, frame: Frame) -> bool:
+        """Hand a reply to the request with its id; False when no request waits for it."""
+        frame_id = frame.get("id")
+        if type(frame_id) is not int:
+            return False
+        fut = self._futures.pop(frame_id, None)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_result(frame)
+        return True
+
+    def fail_all(self, exc: ConnectionClosed) -> None:
+        futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(exc.code, exc.reason))
+
+
+def route(frame: Frame, pending: Pending, queue: PushQueue, last_id: int) -> None:
+    """Deliver a frame: replies to their request, the rest (and foreign replies) to the queue.
+
+    A reply carrying one of our own ids that nobody waits for any more (the request timed
+    out) is dropped, so late acks never show up as pushed frames.
+    """
+    if frame.get("type") in REPLY_TYPES:
+        if pending.resolve(frame):
+            return
+        frame_id = frame.get("id")
+        if type(frame_id) is int and 0 < frame_id <= last_id:
+            return
+    queue.put(frame)
+
+
+class _Link(WSListener):
+    """One WebSocket connection: picows callbacks, its welcome and its requests in flight."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        loop = asyncio.get_running_loop()
+        self.client = client
+        self.transport: WSTransport | None = None
+        self.welcome: asyncio.Future[Frame | None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.pending = Pending()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        try:
+            if frame.msg_type is WSMsgType.TEXT:
+                obj = decode_frame(frame.get_payload_as_memoryview())
+                if obj is None:
+                    log.warning("ignoring a text frame that is not a JSON object")
+                elif obj.get("type") == "welcome" and not self.welcome.done():
+                    self.welcome.set_result(obj)
+                else:
+                    route(obj, self.pending, self.client._queue, self.client._last_id)
+            elif frame.msg_type is WSMsgType.CLOSE:
+                close_code = frame.get_close_code()
+                self.close_code = int(close_code.value) or 1005  # 1005: no status code
+                self.close_reason = frame.get_close_reason() or ""
+                if not transport.is_close_frame_sent:
+                    transport.send_close(close_code)
+                transport.disconnect()
+        except Exception:  # a callback must never raise into picows
+            log.exception("error while handling a frame")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.pending.fail_all(ConnectionClosed(self.close_code, self.close_reason))
+        if not self.welcome.done():
+            self.welcome.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.client._link_lost(self)
+
+    def send(self, frame: Frame) -> None:
+        if self.transport is None or self.transport.is_disconnected or self.lost.done():
+            raise ConnectionClosed(self.close_code, self.close_reason or "not connected")
+        self.transport.send(WSMsgType.TEXT, msgspec.json.encode(frame))
+
+    async def shutdown(self, grace: float) -> None:
+        """Close politely (1000), then wait for the socket to be gone."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_disconnected:
+            if not transport.is_close_frame_sent:
+                transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        try:
+            await asyncio.wait_for(transport.wait_disconnected(), grace)
+        except TimeoutError:
+            transport.disconnect(graceful=False)
+        except Exception:  # a local failure picows re-raises; the socket is closed anyway
+            pass
+
+
+ReconnectCallback = Callable[["Client"], Awaitable[None] | None]
+
+
+class Client:
+    """A wscluster connection that survives node restarts (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        uid: str | None = None,
+        token: str | None = None,
+        reconnect: bool = True,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 10.0,
+        max_handshake_retries: int = 8,
+        request_timeout: float = 10.0,
+        max_queue: int = 10000,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.reconnect = reconnect
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.max_handshake_retries = max_handshake_retries
+        self.request_timeout = request_timeout
+        self.headers = dict(headers or {})
+        self.client_id: str | None = None
+        self.node: str | None = None
+        self.uid: str | None = None
+        self.welcome: Frame | None = None
+        self.closed_code: int | None = None
+        self.reconnects = 0
+        self.reconnected = asyncio.Event()  # set once the session is restored after a drop
+        self.on_reconnect: ReconnectCallback | None = None
+        self._initial_uid = uid
+        self._token = token
+        self._login: Frame | None = None  # the login frame to replay after a reconnect
+        self._groups: dict[str, bool] = {}  # joined groups -> presence flag
+        self._queue = PushQueue(max_queue)
+        self._ids = itertools.count(1)
+        self._last_id = 0
+        self._link: _Link | None = None
+        self._connecting: _Link | None = None
+        self._ready = asyncio.Event()  # set while usable, and once finished (to wake waiters)
+        self._finished: ConnectionClosed | None = None
+        self._closing = False
+        self._stop = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Pushed frames discarded because the queue was full."""
+        return self._queue.dropped
+
+    @property
+    def groups(self) -> dict[str, bool]:
+        """Groups this client has joined (name -> presence flag); re-joined on reconnect."""
+        return dict(self._groups)
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set() and self._finished is None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def connect(self) -> Frame:
+        """Open the connection, wait for ``welcome``, log in if a uid or token was given."""
+        if self._closing or self._finished is not None:
+            raise ConnectionClosed(self.closed_code, "client is closed")
+        if self._link is not None and self.welcome is not None:
+            return self.welcome
+        backoff = Backoff(self.backoff_base, self.backoff_cap)
+        refusals = 0
+        while True:
+            try:
+                link = await self._open_link()
+                break
+            except HandshakeRefused as exc:
+                if exc.status not in RETRY_STATUSES or refusals >= self.max_handshake_retries:
+                    raise
+                refusals += 1
+                await asyncio.sleep(backoff.next())
+        try:
+            welcome = self._install(link)
+            if self._initial_uid is not None:
+                await self.login(self._initial_uid)
+            elif self._token is not None and welcome.get("uid") is None:
+                await self.login(token=self._token)
+        except BaseException:
+            await self.close()
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(link), name="wscluster-client")
+        return welcome
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; pending requests fail."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stop.set()
+        self._finish(ConnectionClosed(self.closed_code, "closed by the client"))
+        if self._connecting is not None and self._connecting.transport is not None:
+            self._connecting.transport.disconnect()
+        if self._link is not None:
+            await self._link.shutdown(self._handshake_timeout)
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._supervisor, self._handshake_timeout + 2)
+        if self._connecting is not None:
+            await self._connecting.shutdown(self._handshake_timeout)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- requests --------------------------------------------------------------------
+
+    async def request(self, frame: Frame) -> Frame:
+        """Send any frame with a fresh integer ``id``; return its ack (or pong).
+
+        Raises :class:`ServerError` on an ``error`` reply, :class:`ConnectionClosed` when
+        the link breaks first, TimeoutError after ``request_timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        if not self._ready.is_set():
+            if self._link is None and self._supervisor is None:
+                raise ConnectionClosed(None, "not connected: call connect() first")
+            await asyncio.wait_for(self._ready.wait(), self.request_timeout)
+        if self._finished is not None or self._link is None:
+            exc = self._finished or ConnectionClosed(None, "not connected")
+            raise ConnectionClosed(exc.code, exc.reason)
+        return await self._request_on(self._link, frame, deadline - loop.time())
+
+    def send_nowait(self, frame: Frame) -> None:
+        """Send a raw frame as is (fire and forget); raises ConnectionClosed when not connected."""
+        if self._link is None or not self.connected:
+            raise ConnectionClosed(self.closed_code, "not connected")
+        self._link.send(frame)
+
+    async def login(self, uid: str | None = None, *, token: str | None = None) -> Frame:
+        """Bind this connection to ``uid`` (anonymous mode) or to the ``token``'s subject."""
+        if (uid is None) == (token is None):
+            raise ValueError("pass exactly one of uid and token")
+        frame: Frame = {"type": "login", "uid": uid} if uid is not None else {"type": "login"}
+        if token is not None:
+            frame["token"] = token
+        ack = await self.request(frame)
+        self._login = frame
+        if token is not None:
+            self._token = token
+        self.uid = ack.get("uid", uid)
+        return ack
+
+    async def logout(self) -> Frame:
+        ack = await self.request({"type": "logout"})
+        self._login = None
+        self.uid = None
+        return ack
+
+    async def join(self, group: str, *, presence: bool = False) -> Frame:
+        frame: Frame = {"type": "join", "group": group}
+        if presence:
+            frame["presence"] = True
+        ack = await self.request(frame)
+        self._groups[group] = presence
+        return ack
+
+    async def leave(self, group: str) -> Frame:
+        ack = await self.request({"type": "leave", "group": group})
+        self._groups.pop(group, None)
+        return ack
+
+    async def send(self, to: str, data: Any) -> Frame:
+        return await self.request({"type": "send", "to": to, "data": data})
+
+    async def presence(self, to: str) -> Frame:
+        return await self.request({"type": "presence", "to": to})
+
+    async def ping(self) -> Frame:
+        return await self.request({"type": "ping"})
+
+    # -- pushed frames ---------------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None) -> Frame:  # noqa: ASYNC109
+        """Next pushed frame; ConnectionClosed once the client is finished and drained."""
+        if timeout is None:
+            return await self._queue.get()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self._queue.get()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    # -- internals -------------------------------------------------------------------
+
+    @property
+    def _handshake_timeout(self) -> float:
+        return min(self.request_timeout, 10.0)
+
+    async def _request_on(self, link: _Link, frame: Frame, budget: float) -> Frame:
+        frame_id = next(self._ids)
+        self._last_id = frame_id
+        out = dict(frame)
+        out["id"] = frame_id
+        fut = link.pending.add(frame_id)
+        try:
+            link.send(out)
+            reply = await asyncio.wait_for(fut, max(budget, 0.0))
+        finally:
+            link.pending.discard(frame_id)
+        if reply.get("type") == "error":
+            code, message = reply.get("code"), reply.get("message")
+            raise ServerError(str(code), str(message or ""), reply.get("id"))
+        return reply
+
+    async def _open_link(self) -> _Link:
+        """Connect and wait for ``welcome``; the link is not installed yet."""
+        link = _Link(self)
+        headers = dict(self.headers)
+        if self._token is not None:
+            headers.setdefault("Authorization", f"Bearer {self._token}")
+        self._connecting = link
+        try:
+            await ws_connect(
+                lambda: link,
+                self.url,
+                use_aiofastnet=False,
+                websocket_handshake_timeout=self._handshake_timeout,
+                extra_headers=headers or None,
+                enable_auto_ping=True,
+                auto_ping_idle_timeout=30,
+                auto_ping_reply_timeout=30,
+                logger_name=logging.getLogger("wscluster.client.picows"),
+            )
+        except WSHandshakeError as exc:
+            if exc.response is None:
+                raise ConnectionClosed(None, f"handshake failed: {exc}") from exc
+            raise HandshakeRefused(int(exc.response.status)) from exc
+        except (OSError, WSError) as exc:
+            raise ConnectionClosed(None, f"cannot connect to {self.url}: {exc!r}") from exc
+        finally:
+            self._connecting = None
+        self._connecting = link  # until installed, close() must be able to drop it
+        try:
+            welcome = await asyncio.wait_for(asyncio.shield(link.welcome), self._handshake_timeout)
+            if welcome is None:
+                raise ConnectionClosed(
+                    link.close_code, link.close_reason or "closed before welcome"
+                )
+        except BaseException:
+            self._connecting = None
+            await link.shutdown(1.0)
+            raise
+        return link
+
+    def _install(self, link: _Link) -> Frame:
+        welcome = link.welcome.result()
+        assert welcome is not None
+        self._connecting = None
+        self._link = link
+        self.welcome = welcome
+        self.client_id = welcome.get("client_id")
+        self.node = welcome.get("node")
+        self.uid = welcome.get("uid") if self._login is None else self.uid
+        self._ready.set()
+        return welcome
+
+    def _link_lost(self, link: _Link) -> None:
+        if link is not self._link:
+            return
+        self.closed_code = link.close_code
+        if self._finished is None:
+            self._ready.clear()
+            self.reconnected.clear()
+
+    def _finish(self, exc: ConnectionClosed) -> None:
+        if self._finished is None:
+            self._finished = exc
+            self._queue.close(exc)
+            self._ready.set()  # wake waiting requests: they see _finished and raise
+
+    async def _supervise(self, link: _Link) -> None:
+        while True:
+            await link.lost
+            if link.transport is not None:
+                with contextlib.suppress(Exception):
+                    await link.transport.wait_disconnected()
+            if self._closing:
+                return
+            code, reason = link.close_code, link.close_reason
+            if not self.reconnect or is_terminal_close(code):
+                self._finish(ConnectionClosed(code, reason))
+                return
+            hint = retry_hint(reason) if code == 1012 else None
+            new_link = await self._reconnect(hint)
+            if new_link is None:
+                return
+            link = new_link
+            self.reconnects += 1
+            self.reconnected.set()
+            await self._call_on_reconnect()
+
+    async def _reconnect(self, hint: float | None) -> _Link | None:
+        backoff = Backoff(self.backoff_base, self.backoff_cap)
+        refusals = 0
+        while True:
+            delay = backoff.next() + (hint or 0.0)
+            hint = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._closing:
+                return None
+            try:
+                link = await self._open_link()
+            except HandshakeRefused as exc:
+                if exc.status in TERMINAL_STATUSES or refusals >= self.max_handshake_retries:
+                    self._finish(exc)
+                    return None
+                refusals += 1
+                continue
+            except (ConnectionClosed, TimeoutError) as exc:
+                log.debug("reconnect to %s failed: %s", self.url, exc)
+                continue
+            if self._closing:
+                await link.shutdown(1.0)
+                return None
+            try:
+                await self._restore(link)
+            except (ConnectionClosed, TimeoutError) as exc:
+                log.debug("session restore on %s failed: %s", self.url, exc)
+                await link.shutdown(1.0)
+                continue
+            except ServerError as exc:  # the server refuses our login now: give up
+                await link.shutdown(1.0)
+                self._finish(ConnectionClosed(None, f"cannot restore the session: {exc}"))
+                return None
+            if link.lost.done():
+                continue
+            self._install(link)
+            return link
+
+    async def _restore(self, link: _Link) -> None:
+        """Replay login, then every join, on a fresh link (before it is installed)."""
+        welcome = link.welcome.result() or {}
+        login = self._login
+        if login is not None and not ("token" in login and welcome.get("uid") is not None):
+            ack = await self._request_on(link, login, self.request_timeout)
+            self.uid = ack.get("uid", login.get("uid"))
+        for group, presence in list(self._groups.items()):
+            frame: Frame = {"type": "join", "group": group}
+            if presence:
+                frame["presence"] = True
+            try:
+                await self._request_on(link, frame, self.request_timeout)
+            except ServerError as exc:
+                log.warning("cannot re-join %r after reconnect: %s", group, exc)
+                self._groups.pop(group, None)
+
+    async def _call_on_reconnect(self) -> None:
+        callback = self.on_reconnect
+        if callback is None:
+            return
+        try:
+            result = callback(self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_reconnect callback failed")
+
+
+async def connect(url: str, **kwargs: Any) -> Client:
+    """Create a :class:`Client` and connect it (``kwargs`` as for ``Client``)."""
+    client = Client(url, **kwargs)
+    await client.connect()
+    return client

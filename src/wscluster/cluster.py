@@ -1,0 +1,213 @@
+"""The cluster API for backends: push to any address and ask presence questions without
+holding a socket. ``Cluster`` is asyncio; ``SyncCluster`` wraps it for Django/Flask code.
+
+    async with Cluster("redis://127.0.0.1:6379/0", namespace="wsc") as cluster:
+        await cluster.send("uid:alice", {"text": "hi"})
+        print(await cluster.is_online("alice"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+import msgspec
+
+from . import envelope
+from .broker import create_broker
+from .broker.base import Broker
+from .errors import Code, ProtocolError, bad_request
+from .naming import Names
+from .presence import create_presence
+from .presence.base import NodeInfo, Presence
+from .routing import Kind, channel_for, check_name, parse_address
+
+T = TypeVar("T")
+KICK = 4001
+
+
+class Cluster:
+    def __init__(
+        self,
+        broker_url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "wsc",
+        presence_url: str | None = None,
+        max_message_size: int = 64 * 1024,
+    ) -> None:
+        self.names = Names(namespace)
+        self.broker: Broker = create_broker(broker_url)
+        self.presence: Presence = create_presence(presence_url or broker_url, self.names)
+        self.max_message_size = max_message_size
+        self._owned = True
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def attach(
+        cls, broker: Broker, presence: Presence, names: Names, max_message_size: int
+    ) -> Cluster:
+        """A Cluster that shares a running node's broker and presence connections."""
+        self = cls.__new__(cls)
+        self.names, self.broker, self.presence = names, broker, presence
+        self.max_message_size = max_message_size
+        self._owned, self._started, self._lock = False, True, asyncio.Lock()
+        return self
+
+    async def start(self) -> None:
+        async with self._lock:
+            if not self._started:
+                await self.broker.start()
+                await self.presence.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        if self._owned and self._started:
+            self._started = False
+            await self.broker.close()
+            await self.presence.close()
+
+    async def __aenter__(self) -> Cluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- pushing ---------------------------------------------------------------------
+    async def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> None:
+        """Deliver ``data`` (any JSON value) to an address as a ``message`` frame with
+        ``from: null``. Raises ProtocolError (bad_request, too_large) or BrokerUnavailable."""
+        try:
+            raw = msgspec.json.encode(data)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise bad_request(f"data is not JSON-serializable: {exc}") from None
+        await self.send_json(to, raw, exclude=exclude)
+
+    async def send_json(self, to: str, data: bytes, *, exclude: Iterable[str] = ()) -> None:
+        """Like ``send`` with ``data`` already encoded as JSON (not re-encoded)."""
+        address = parse_address(to)
+        if len(data) > self.max_message_size:
+            raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
+        frame = envelope.message_frame(address, msgspec.Raw(data), None)
+        payload = envelope.deliver(address, frame, exclude=_ids(exclude))
+        await self._publish(channel_for(self.names, address), payload)
+
+    async def send_verbatim(
+        self, to: str, payload: bytes, *, binary: bool = False, exclude: Iterable[str] = ()
+    ) -> None:
+        """Push ``payload`` to the receivers exactly as given (an application's own wire
+        format); ``binary`` sends it as a binary WebSocket frame."""
+        address = parse_address(to)
+        env = envelope.deliver(address, payload, exclude=_ids(exclude), binary=binary)
+        await self._publish(channel_for(self.names, address), env)
+
+    async def close(self, to: str, code: int = KICK) -> None:
+        """Close the connections of a ``client:`` or ``uid:`` address (default 4001)."""
+        address = parse_address(to)
+        if address.kind not in (Kind.CLIENT, Kind.UID):
+            raise bad_request("close takes a client: or uid: address")
+        if not (code == 1000 or 3000 <= code <= 4999):
+            raise bad_request("close code must be 1000 or 3000-4999")
+        await self._publish(channel_for(self.names, address), envelope.close(address, code))
+
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        await self.start()
+        await self.broker.publish(channel, payload)
+
+    # --- questions -------------------------------------------------------------------
+    async def is_online(self, uid: str) -> bool:
+        await self.start()
+        return await self.presence.is_online(check_name(uid, "uid"))
+
+    async def client_ids(self, uid: str) -> list[str]:
+        await self.start()
+        return await self.presence.client_ids(check_name(uid, "uid"))
+
+    async def group_members(self, group: str) -> list[str]:
+        """Distinct uids in a group."""
+        await self.start()
+        return (await self.presence.group_members(check_name(group, "group"))).uids
+
+    async def group_count(self, group: str) -> int:
+        """Connections in a group (anonymous ones included)."""
+        await self.start()
+        return (await self.presence.group_members(check_name(group, "group"))).count
+
+    async def nodes(self) -> list[NodeInfo]:
+        await self.start()
+        return await self.presence.nodes()
+
+    async def count(self) -> int:
+        return sum(int(n.stats.get("connections", 0)) for n in await self.nodes())
+
+    async def stats(self) -> dict[str, Any]:
+        nodes = sorted(await self.nodes(), key=lambda n: n.node_id)
+        listed = [{"node": n.node_id, **n.stats} for n in nodes]
+        return {"nodes": listed, "connections": sum(int(n["connections"]) for n in listed)}
+
+
+def _ids(exclude: Iterable[str]) -> tuple[str, ...]:
+    ids = tuple(exclude)
+    if not all(isinstance(i, str) for i in ids):
+        raise bad_request("exclude must be a list of client ids")
+    return ids
+
+
+class SyncCluster:
+    """Blocking wrapper for synchronous code: runs a Cluster on a private event loop thread."""
+
+    def __init__(self, broker_url: str = "redis://127.0.0.1:6379/0", **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="wscluster-sync")  # fmt: skip
+        self._thread.start()
+        self._cluster = self._run(self._make(broker_url, kwargs))
+
+    @staticmethod
+    async def _make(broker_url: str, kwargs: dict[str, Any]) -> Cluster:
+        return Cluster(broker_url, **kwargs)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> None:
+        self._run(self._cluster.send(to, data, exclude=exclude))
+
+    def close(self, to: str, code: int = KICK) -> None:
+        self._run(self._cluster.close(to, code))
+
+    def is_online(self, uid: str) -> bool:
+        return self._run(self._cluster.is_online(uid))
+
+    def client_ids(self, uid: str) -> list[str]:
+        return self._run(self._cluster.client_ids(uid))
+
+    def group_members(self, group: str) -> list[str]:
+        return self._run(self._cluster.group_members(group))
+
+    def group_count(self, group: str) -> int:
+        return self._run(self._cluster.group_count(group))
+
+    def count(self) -> int:
+        return self._run(self._cluster.count())
+
+    def stats(self) -> dict[str, Any]:
+        return self._run(self._cluster.stats())
+
+    def shutdown(self) -> None:
+        """Close connections and stop the private loop."""
+        if self._loop.is_closed():
+            return
+        self._run(self._cluster.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> SyncCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

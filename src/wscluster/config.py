@@ -1,0 +1,57 @@
+"""Node configuration: every option of ``wscluster serve`` with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    host: str = "0.0.0.0"
+    port: int = 8001
+    api_host: str = "127.0.0.1"
+    api_port: int | None = None  # default: port + 1000
+    broker: str = "redis://127.0.0.1:6379/0"
+    presence: str | None = None  # default: the broker URL
+    namespace: str = "wsc"
+    node_name: str | None = None  # default: host:port
+    anonymous: bool = False
+    api_key: str | None = None
+    max_connections: int = 10_000
+    max_message_size: int = 64 * 1024
+    max_frame_size: int = 1024 * 1024
+    max_outbox: int = 1024 * 1024  # bytes queued to one client before it is closed 1013
+    max_groups_per_connection: int = 1000
+    max_inflight: int = 256  # sends awaiting the broker per connection before reading pauses
+    max_publish_queue: int = 32 * 1024 * 1024  # bytes; above it sends get rate_limited
+    abuse_burst: int = 1000  # errors a connection may cause in a burst...
+    abuse_rate: float = 100.0  # ...and per second after that, before it is closed 1008
+    ping_interval: float = 25.0
+    node_heartbeat: float = 2.0
+    node_ttl: float = 10.0
+    drain_timeout: float = 10.0
+    drain_batch: int = 500  # connections closed with 1012 per drain step
+    request_timeout: float = 5.0  # broker/presence waits behind an ack
+    use_aiofastnet: bool = False
+
+    @property
+    def effective_api_port(self) -> int:
+        return self.api_port if self.api_port is not None else self.port + 1000
+
+    @property
+    def presence_url(self) -> str:
+        return self.presence or self.broker
+
+    def validate(self) -> None:
+        if not self.anonymous:
+            raise ValueError(
+                "refusing to start: pass --anonymous to accept any client "
+                "(JWT authentication arrives with --jwt-secret / --jwt-public-key)"
+            )
+        if self.node_ttl <= self.node_heartbeat:
+            raise ValueError("--node-ttl must be larger than --node-heartbeat")
+        if self.max_message_size > self.max_frame_size:
+            raise ValueError("--max-message-size must not exceed --max-frame-size")
+        for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")

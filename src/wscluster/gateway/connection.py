@@ -1,0 +1,181 @@
+"""One client connection: the picows listener. I/O edge only; protocol decisions are the
+node's (see handlers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from .. import frames
+from ..errors import Code
+
+if TYPE_CHECKING:
+    from ..config import NodeConfig
+    from ..metrics import Metrics
+
+ABUSE_CLOSE = 1008
+SLOW_CONSUMER_CLOSE = 1013
+_ABORT_AFTER = 2.0  # seconds between our close frame and dropping the TCP link
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from its node."""
+
+    config: NodeConfig
+    metrics: Metrics
+
+    def on_open(self, conn: Connection) -> None: ...
+
+    def on_text(self, conn: Connection, payload: bytes) -> None: ...
+
+    def on_closed(self, conn: Connection) -> None: ...
+
+
+class Connection(WSListener):  # type: ignore[misc]
+    """A client connection. ``cid`` is set by the node on open."""
+
+    def __init__(self, host: ConnectionHost, peer: str | None) -> None:
+        super().__init__()
+        self.host = host
+        self.peer = peer
+        self.cid = ""
+        self.transport: WSTransport | None = None
+        self.closing = False
+        self.congested = False
+        self.inflight = 0  # sends waiting for the broker
+        self.reading_paused = False
+        self._frag: bytearray | None = None
+        self._frag_binary = False
+        cfg = host.config
+        self._tokens = float(cfg.abuse_burst)
+        self._token_time = time.monotonic()
+
+    # --- picows callbacks ------------------------------------------------------------
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.host.on_open(self)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if self._frag is not None:  # a new data frame inside a fragmented message
+                self._frag = None
+                self.error(None, Code.BAD_REQUEST, "new message inside a fragmented one")
+                return
+            if frame.fin:
+                self._data(frame.get_payload_as_bytes(), kind is WSMsgType.BINARY)
+            else:
+                self._frag = bytearray(frame.get_payload_as_memoryview())
+                self._frag_binary = kind is WSMsgType.BINARY
+                self._check_frag()
+        elif kind is WSMsgType.CONTINUATION:
+            if self._frag is None:
+                self.error(None, Code.BAD_REQUEST, "continuation frame without a message")
+                return
+            self._frag += frame.get_payload_as_memoryview()
+            if self._check_frag() and frame.fin:
+                data, self._frag = bytes(self._frag), None
+                self._data(data, self._frag_binary)
+        elif kind is WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            transport.send_close(code if isinstance(code, WSCloseCode) else WSCloseCode.OK)
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closing = True
+        self.host.on_closed(self)
+
+    def pause_writing(self) -> None:
+        self.congested = True
+
+    def resume_writing(self) -> None:
+        self.congested = False
+
+    # --- inbound ---------------------------------------------------------------------
+    def _check_frag(self) -> bool:
+        assert self._frag is not None
+        if len(self._frag) > self.host.config.max_frame_size:
+            self._frag = None
+            self.close(1009, "message too big")
+            return False
+        return True
+
+    def _data(self, payload: bytes, binary: bool) -> None:
+        self.host.metrics.frames_in.inc()
+        if self.closing:
+            return
+        if binary:
+            self.error(None, Code.BAD_REQUEST, "binary frames are not accepted")
+            return
+        self.host.on_text(self, payload)
+
+    # --- outbound --------------------------------------------------------------------
+    def push(self, payload: bytes) -> None:
+        """Write one text frame (already encoded). Closes a client that stopped reading."""
+        if self.closing or self.transport is None:
+            return
+        self.transport.send(WSMsgType.TEXT, payload)
+        if self.congested:
+            buffered = self.transport.underlying_transport.get_write_buffer_size()
+            if buffered > self.host.config.max_outbox:
+                self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
+
+    def reply(self, payload: bytes) -> None:
+        self.push(payload)
+        self.host.metrics.frames_out.inc()
+
+    def ack(self, frame_id: frames.FrameId, **result: Any) -> None:
+        if frame_id is not None:
+            self.reply(frames.ack(frame_id, **result))
+
+    def error(self, frame_id: frames.FrameId, code: Code, message: str) -> None:
+        self.host.metrics.errors.labels(code=code.value).inc()
+        self.reply(frames.error(frame_id, code.value, message))
+        if code in (Code.UNAVAILABLE, Code.INTERNAL, Code.RATE_LIMITED):
+            return  # not the client's fault
+        now = time.monotonic()
+        cfg = self.host.config
+        self._tokens = min(
+            float(cfg.abuse_burst), self._tokens + (now - self._token_time) * cfg.abuse_rate
+        )
+        self._token_time = now
+        self._tokens -= 1
+        if self._tokens < 0:
+            self.close(ABUSE_CLOSE, "too many bad frames")
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame and drop the link shortly after (bounded, even if the peer
+        never reads)."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        self.host.metrics.closes.labels(code=str(code)).inc()
+        transport = self.transport
+        try:
+            close_code = WSCloseCode(code)
+        except ValueError:
+            close_code = code
+        transport.send_close(close_code, reason.encode()[:120] if reason else None)
+        transport.disconnect(graceful=True)
+        asyncio.get_running_loop().call_later(
+            _ABORT_AFTER, transport.underlying_transport.abort
+        )
+
+    # --- backpressure on the sender --------------------------------------------------
+    def sent(self) -> None:
+        """A send was handed to the broker (or failed): maybe resume reading."""
+        self.inflight -= 1
+        if self.reading_paused and self.inflight <= self.host.config.max_inflight // 2:
+            self.reading_paused = False
+            if self.transport is not None and not self.closing:
+                self.transport.underlying_transport.resume_reading()
+
+    def sending(self) -> None:
+        self.inflight += 1
+        if not self.reading_paused and self.inflight >= self.host.config.max_inflight:
+            self.reading_paused = True
+            if self.transport is not None:
+                self.transport.underlying_transport.pause_reading()

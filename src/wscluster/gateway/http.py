@@ -1,0 +1,141 @@
+"""The API port (aiohttp): the push API for backends, presence, stats, health, metrics.
+Bound to 127.0.0.1 unless --api-host says otherwise; --api-key guards every /api/ route."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from ..cluster import Cluster
+from ..errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError, bad_request
+from ..routing import Kind, parse_address
+from .websocket import health_body
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NODE: web.AppKey[Node] = web.AppKey("node")
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
+
+
+def _error(status: int, code: Code, message: str) -> web.Response:
+    body = msgspec.json.encode({"error": {"code": code.value, "message": message}})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(obj),
+                        content_type="application/json")  # fmt: skip
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    node = request.app[NODE]
+    key = node.config.api_key
+    if key is not None and request.path.startswith("/api/"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return _error(401, Code.FORBIDDEN, "missing or wrong API key")
+    try:
+        return await handler(request)
+    except ProtocolError as exc:
+        status = 413 if exc.code is Code.TOO_LARGE else 400
+        return _error(status, exc.code, exc.message)
+    except (BrokerUnavailable, PresenceUnavailable, TimeoutError):
+        return _error(503, Code.UNAVAILABLE, "broker unavailable")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(Code.BAD_JSON, str(exc)) from None
+    if not isinstance(obj, dict):
+        raise bad_request("body must be a JSON object")
+    return obj
+
+
+async def api_send(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if "data" not in body:
+        raise bad_request("'data' is required")
+    exclude = body.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise bad_request("'exclude' must be a list of client ids")
+    parse_address(body.get("to"))
+    await request.app[CLUSTER].send(body["to"], body["data"], exclude=exclude)
+    return _json({"ok": True})
+
+
+async def api_close(request: web.Request) -> web.Response:
+    body = await _body(request)
+    code = body.get("code", 4001)
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise bad_request("'code' must be an integer")
+    await request.app[CLUSTER].close(body.get("to"), code)  # type: ignore[arg-type]
+    return _json({"ok": True})
+
+
+async def api_presence(request: web.Request) -> web.Response:
+    address = parse_address(request.query.get("to"))
+    cluster = request.app[CLUSTER]
+    if address.kind is Kind.UID:
+        return _json({"online": await cluster.is_online(address.name)})
+    if address.kind is Kind.GROUP:
+        info = await cluster.presence.group_members(address.name)
+        return _json({"uids": info.uids, "count": info.count})
+    raise bad_request("presence takes ?to=uid:<uid> or ?to=group:<name>")
+
+
+async def api_stats(request: web.Request) -> web.Response:
+    return _json(await request.app[CLUSTER].stats())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    status, body = health_body(request.app[NODE])
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[NODE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+class ApiServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        app = web.Application(middlewares=[errors_middleware],
+                              client_max_size=node.config.max_frame_size)  # fmt: skip
+        app[NODE] = node
+        app[CLUSTER] = Cluster.attach(
+            node.broker, node.presence, node.names, node.config.max_message_size
+        )
+        app.router.add_post("/api/send", api_send)
+        app.router.add_post("/api/close", api_close)
+        app.router.add_get("/api/presence", api_presence)
+        app.router.add_get("/api/stats", api_stats)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        cfg = self.node.config
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.api_host, cfg.effective_api_port,
+                           reuse_address=True)  # fmt: skip
+        await site.start()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_api(node: Node) -> ApiServer:
+    server = ApiServer(node)
+    await server.start()
+    return server

@@ -1,0 +1,326 @@
+"""A gateway node: lifecycle, the broker -> local receivers path, liveness, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from . import envelope, frames
+from .broker import create_broker
+from .config import NodeConfig
+from .errors import BrokerUnavailable, PresenceUnavailable
+from .gateway.connection import Connection
+from .handlers import Handlers
+from .metrics import Metrics
+from .naming import Names, client_id, new_node_id
+from .presence import create_presence
+from .presence.base import ConnInfo
+from .registry import Registry
+from .routing import Address, Kind, parse_address
+from .subscriptions import Subscriptions
+
+log = logging.getLogger("wscluster.node")
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self.names = Names(config.namespace)
+        self.node_id = new_node_id(config.node_name or f"{config.host}:{config.port}")
+        self.metrics = Metrics(self.node_id)
+        self.registry: Registry[Connection] = Registry()
+        self.broker = create_broker(config.broker)
+        self.presence = create_presence(config.presence_url, self.names)
+        self.subs = Subscriptions(self.broker, self.names, config.request_timeout)
+        self.handlers = Handlers(self)
+        self.draining = False
+        self.started_at = time.time()
+        self._watchers: dict[str, set[str]] = {}  # group -> cids that get presence events
+        self._counter = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._presence_dirty = True  # resync at the next heartbeat
+        self._presence_ok_at = 0.0
+        self._presence_up = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._servers: list[Any] = []  # closables: picows server, aiohttp runner
+        self._stopped = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        from .gateway.http import start_api
+        from .gateway.websocket import start_public
+
+        await self.broker.start(on_message=self._on_broker, on_state=self._on_broker_state)
+        self.metrics.broker_up.set(1 if self.broker.connected else 0)
+        fixed = [self.names.all_channel(), self.names.node_channel(self.node_id)]
+        try:
+            await self.broker.subscribe(fixed)
+        except BrokerUnavailable:
+            log.warning("broker unavailable at start: %s; retrying in the background",
+                        self.config.broker)  # fmt: skip
+        await self.presence.start()
+        await self._heartbeat_once()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._servers.append(await start_public(self))
+        self._servers.append(await start_api(self))
+        log.info(
+            "node %s serving ws://%s:%d/ws (api http://%s:%d) broker=%s namespace=%s",
+            self.node_id, self.config.host, self.config.port, self.config.api_host,
+            self.config.effective_api_port, _redact(self.config.broker), self.config.namespace,
+        )  # fmt: skip
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new handshakes, close clients in batches with 1012, stragglers
+        with 1001 at the timeout, remove our presence, stop."""
+        if self.draining:
+            return
+        self.draining = True
+        cfg = self.config
+        log.info("draining %d connections (timeout %.1fs)", len(self.registry), cfg.drain_timeout)
+        deadline = time.monotonic() + cfg.drain_timeout
+        conns = [e.conn for _, e in self.registry.items()]
+        step = max(0.05, (cfg.drain_timeout / 2) / max(1, len(conns) // cfg.drain_batch + 1))
+        for i in range(0, len(conns), cfg.drain_batch):
+            for conn in conns[i : i + cfg.drain_batch]:
+                retry = int(random.uniform(0.2, 1.0) * 1000 * max(1.0, cfg.drain_timeout / 2))
+                conn.close(1012, f'{{"retry_ms": {retry}}}')
+            if i + cfg.drain_batch < len(conns):
+                await asyncio.sleep(step)
+        while len(self.registry) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for _, entry in self.registry.items():
+            entry.conn.closing = False
+            entry.conn.close(1001, "node stopping")
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        for server in self._servers:
+            await server.close()
+        self._servers.clear()
+        for _, entry in self.registry.items():
+            if entry.conn.transport is not None:
+                entry.conn.transport.underlying_transport.abort()
+        try:
+            await asyncio.wait_for(self.presence.remove_node(self.node_id), 3)
+        except (PresenceUnavailable, TimeoutError):
+            log.warning("could not remove presence at stop; it expires with the node TTL")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+        await self.presence.close()
+        log.info("node %s stopped", self.node_id)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    # --- connections -----------------------------------------------------------------
+    def accepting(self) -> int | None:
+        """None when a new handshake is welcome, else the HTTP status to refuse it with."""
+        if self.draining:
+            return 503
+        if len(self.registry) >= self.config.max_connections:
+            return 503
+        return None
+
+    def on_open(self, conn: Connection) -> None:
+        self._counter += 1
+        conn.cid = client_id(self.node_id, self._counter)
+        self.registry.add(conn.cid, conn)
+        self.metrics.connections.set(len(self.registry))
+        self.metrics.connects.inc()
+        conn.reply(frames.encode({
+            "type": "welcome", "client_id": conn.cid, "node": self.node_id, "uid": None,
+            "heartbeat": self.config.ping_interval,
+        }))  # fmt: skip
+        add = self.presence.add(self.node_id, ConnInfo(conn.cid))
+        self.spawn(self._quiet(self.presence_write(add)))
+
+    def on_text(self, conn: Connection, payload: bytes) -> None:
+        self.handlers.handle(conn, payload)
+
+    def on_closed(self, conn: Connection) -> None:
+        entry, interest = self.registry.remove(conn.cid)
+        if entry is None:
+            return
+        self.metrics.connections.set(len(self.registry))
+        self.subs.apply(interest)
+        for group in entry.groups:
+            self.unwatch_presence(conn.cid, group)
+            self.publish_presence(group, "leave", entry.uid, conn.cid)
+        remove = self.presence.remove(self.node_id, conn.cid, entry.uid, entry.groups)
+        self.spawn(self._quiet(self.presence_write(remove)))
+
+    # --- presence ----------------------------------------------------------------------
+    async def presence_write(self, write: Awaitable[None]) -> None:
+        """Await a presence write; a failure marks the mirror dirty (full resync later)."""
+        try:
+            await asyncio.wait_for(write, self.config.request_timeout)
+        except (PresenceUnavailable, TimeoutError) as exc:
+            self._presence_dirty = True
+            raise PresenceUnavailable(str(exc)) from None
+
+    @staticmethod
+    async def _quiet(write: Awaitable[None]) -> None:
+        try:
+            await write
+        except PresenceUnavailable:
+            pass  # marked dirty: the heartbeat resyncs
+
+    def watch_presence(self, cid: str, group: str) -> None:
+        self._watchers.setdefault(group, set()).add(cid)
+
+    def unwatch_presence(self, cid: str, group: str) -> None:
+        watchers = self._watchers.get(group)
+        if watchers is not None:
+            watchers.discard(cid)
+            if not watchers:
+                del self._watchers[group]
+
+    def publish_presence(self, group: str, event: str, uid: str | None, cid: str) -> None:
+        payload = envelope.presence_event(group, event, uid, cid)
+        fut = self.broker.publish_nowait(self.names.channel(f"group:{group}"), payload)
+        fut.add_done_callback(_ignore_failure)
+
+    def snapshot(self) -> list[ConnInfo]:
+        return [ConnInfo(cid, e.uid, sorted(e.groups)) for cid, e in self.registry.items()]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "connections": len(self.registry),
+            "uids": sum(1 for _ in self.registry.uids()),
+            "groups": sum(1 for _ in self.registry.groups()),
+            "ws_port": self.config.port,
+            "api_port": self.config.effective_api_port,
+            "pid": os.getpid(),
+            "started_at": int(self.started_at),
+            "broker_connected": self.broker.connected,
+            "draining": self.draining,
+        }
+
+    def health(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.broker.connected:
+            return False, "broker unreachable"
+        if time.monotonic() - self._presence_ok_at > self.config.node_ttl / 2:
+            return False, "presence store unreachable"
+        return True, "ok"
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.node_heartbeat)
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        cfg = self.config
+        try:
+            known = await asyncio.wait_for(
+                self.presence.heartbeat(self.node_id, cfg.node_ttl, self.stats()),
+                cfg.request_timeout,
+            )
+            if not known or self._presence_dirty:
+                self._presence_dirty = False
+                await asyncio.wait_for(
+                    self.presence.resync(self.node_id, self.snapshot(), cfg.node_ttl, self.stats()),
+                    cfg.request_timeout * 4,
+                )
+                log.info("presence resynced: %d connections", len(self.registry))
+            if not self._presence_up:
+                log.info("presence store reachable")
+                self._presence_up = True
+            self._presence_ok_at = time.monotonic()
+            self.metrics.presence_up.set(1)
+            dead = await asyncio.wait_for(self.presence.purge_dead(), cfg.request_timeout)
+        except (PresenceUnavailable, TimeoutError, OSError) as exc:
+            self._presence_dirty = True
+            if self._presence_up:
+                log.warning("presence store unreachable: %s", exc or type(exc).__name__)
+                self._presence_up = False
+            self.metrics.presence_up.set(0)
+            return
+        for node in dead:
+            self.metrics.purged.inc()
+            log.warning("purged dead node %s (%d connections)", node.node_id, len(node.connections))
+            for c in node.connections:
+                for group in c.groups:
+                    self.publish_presence(group, "leave", c.uid, c.client_id)
+
+    # --- broker -> local receivers -------------------------------------------------------
+    def _on_broker_state(self, connected: bool) -> None:
+        self.metrics.broker_up.set(1 if connected else 0)
+
+    def _on_broker(self, channel: str, payload: bytes) -> None:
+        self.metrics.broker_in.inc()
+        try:
+            env = envelope.decode(payload)
+            address = parse_address(env.to)
+        except (envelope.EnvelopeError, ValueError) as exc:
+            self.metrics.bad_envelopes.inc()
+            log.warning("dropped an undecodable broker message on %s: %s", channel, exc)
+            return
+        if env.op == envelope.Op.DELIVER:
+            self._deliver(address, env.payload, env.exclude)
+        elif env.op == envelope.Op.PRESENCE:
+            watchers = self._watchers.get(address.name, ())
+            for cid in list(watchers):
+                entry = self.registry.get(cid)
+                if entry is not None:
+                    entry.conn.reply(env.payload)
+        elif env.op == envelope.Op.CLOSE:
+            for _, conn in self.registry.receivers(address):
+                conn.close(env.code, "closed by the server")
+        else:
+            self.metrics.bad_envelopes.inc()
+
+    def _deliver(self, address: Address, payload: bytes, exclude: tuple[str, ...]) -> None:
+        n = 0
+        if exclude:
+            skip = set(exclude)
+            for cid, conn in self.registry.receivers(address):
+                if cid not in skip:
+                    conn.push(payload)
+                    n += 1
+        else:
+            for _, conn in self.registry.receivers(address):
+                conn.push(payload)
+                n += 1
+        if n:
+            self.metrics.deliveries.inc(n)
+            self.metrics.frames_out.inc(n)
+
+
+def _ignore_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+__all__ = ["Kind", "Node"]

@@ -1,0 +1,208 @@
+"""In-process presence: for tests, the embedded demo and single-process clusters.
+
+``MemoryPresence(names, hub)`` instances created with the same ``hub`` and namespace share
+one store, so several nodes living in one process see each other; different hubs or
+namespaces are isolated.
+
+Guarantees: every write is applied synchronously when its coroutine first runs, so writes
+are applied in call order (tasks start in creation order) and are visible to every instance
+of the hub as soon as they return. Liveness uses ``time.monotonic()`` deadlines: a node is
+alive from its heartbeat until ``ttl`` seconds later; readers never report the connections
+of a node that is not alive (or never heartbeated), purged or not. ``purge_dead`` runs
+without awaiting, so each dead node is claimed by exactly one caller.
+
+Limits: the state lives and dies with the process; nothing is shared between processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wscluster.naming import Names, node_of_client
+from wscluster.presence.base import ConnInfo, DeadNode, GroupInfo, NodeInfo
+
+log = logging.getLogger("wscluster.presence")
+
+
+@dataclass(slots=True)
+class _Conn:
+    uid: str | None
+    groups: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Node:
+    deadline: float
+    stats: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _State:
+    nodes: dict[str, _Node] = field(default_factory=dict)  # "known" nodes (heartbeated)
+    conns: dict[str, dict[str, _Conn]] = field(default_factory=dict)  # node -> cid -> conn
+    uids: dict[str, set[str]] = field(default_factory=dict)  # uid -> cids
+    groups: dict[str, dict[str, str | None]] = field(default_factory=dict)  # group -> cid -> uid
+
+
+_HUBS: dict[tuple[str, str], _State] = {}
+
+
+class MemoryPresence:
+    """The ``Presence`` role in process memory, shared by instances of the same hub."""
+
+    def __init__(self, names: Names, hub: str = "default") -> None:
+        self.names = names
+        self.hub = hub
+        self._key = (hub, names.ns)
+
+    @property
+    def _s(self) -> _State:
+        state = _HUBS.get(self._key)
+        if state is None:
+            state = _HUBS[self._key] = _State()
+        return state
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def flush(self) -> None:
+        """Forget everything this hub holds for the namespace (as a store restarted empty)."""
+        _HUBS.pop(self._key, None)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _conn(self, node_id: str, cid: str, uid: str | None) -> _Conn:
+        node = self._s.conns.setdefault(node_id, {})
+        conn = node.get(cid)
+        if conn is None:
+            conn = node[cid] = _Conn(uid)
+        return conn
+
+    def _set_uid(self, cid: str, old: str | None, new: str | None) -> None:
+        s = self._s
+        if old is not None and old != new:
+            cids = s.uids.get(old)
+            if cids is not None:
+                cids.discard(cid)
+                if not cids:
+                    del s.uids[old]
+        if new is not None:
+            s.uids.setdefault(new, set()).add(cid)
+
+    def _leave(self, cid: str, group: str) -> None:
+        members = self._s.groups.get(group)
+        if members is not None:
+            members.pop(cid, None)
+            if not members:
+                del self._s.groups[group]
+
+    def _drop(self, node_id: str, cid: str, uid: str | None, groups: Iterable[str]) -> None:
+        conn = self._s.conns.get(node_id, {}).pop(cid, None)
+        all_groups = set(groups)
+        if conn is not None:
+            all_groups |= conn.groups
+            self._set_uid(cid, conn.uid, None)
+        self._set_uid(cid, uid, None)
+        for group in all_groups:
+            self._leave(cid, group)
+
+    def _drop_node(self, node_id: str) -> list[ConnInfo]:
+        s = self._s
+        s.nodes.pop(node_id, None)
+        conns = s.conns.pop(node_id, {})
+        for cid, conn in conns.items():
+            self._set_uid(cid, conn.uid, None)
+            for group in conn.groups:
+                self._leave(cid, group)
+        return [ConnInfo(cid, c.uid, sorted(c.groups)) for cid, c in sorted(conns.items())]
+
+    def _live(self) -> set[str]:
+        now = time.monotonic()
+        return {n for n, info in self._s.nodes.items() if info.deadline > now}
+
+    # --- writes -----------------------------------------------------------------------
+    async def add(self, node_id: str, conn: ConnInfo) -> None:
+        c = self._conn(node_id, conn.client_id, conn.uid)
+        self._set_uid(conn.client_id, c.uid, conn.uid)
+        c.uid = conn.uid
+        for group in conn.groups:
+            c.groups.add(group)
+            self._s.groups.setdefault(group, {})[conn.client_id] = conn.uid
+
+    async def bind(self, node_id: str, cid: str, old_uid: str | None, uid: str | None) -> None:
+        c = self._conn(node_id, cid, uid)
+        if c.uid != old_uid:
+            self._set_uid(cid, old_uid, None)
+        self._set_uid(cid, c.uid, uid)
+        c.uid = uid
+        for group in c.groups:
+            self._s.groups.setdefault(group, {})[cid] = uid
+
+    async def join(self, node_id: str, cid: str, uid: str | None, group: str) -> None:
+        c = self._conn(node_id, cid, uid)
+        c.groups.add(group)
+        self._s.groups.setdefault(group, {})[cid] = uid
+
+    async def leave(self, node_id: str, cid: str, group: str) -> None:
+        conn = self._s.conns.get(node_id, {}).get(cid)
+        if conn is not None:
+            conn.groups.discard(group)
+        self._leave(cid, group)
+
+    async def remove(
+        self, node_id: str, cid: str, uid: str | None, groups: Iterable[str]
+    ) -> None:
+        self._drop(node_id, cid, uid, groups)
+
+    async def heartbeat(self, node_id: str, ttl: float, stats: dict[str, Any]) -> bool:
+        known = node_id in self._s.nodes
+        self._s.nodes[node_id] = _Node(time.monotonic() + ttl, dict(stats))
+        return known
+
+    async def resync(
+        self, node_id: str, conns: Sequence[ConnInfo], ttl: float, stats: dict[str, Any]
+    ) -> None:
+        self._drop_node(node_id)
+        self._s.nodes[node_id] = _Node(time.monotonic() + ttl, dict(stats))
+        for conn in conns:
+            await self.add(node_id, conn)
+
+    async def remove_node(self, node_id: str) -> None:
+        self._drop_node(node_id)
+
+    async def purge_dead(self) -> list[DeadNode]:
+        live = self._live()
+        dead = [n for n in self._s.nodes if n not in live]
+        out = [DeadNode(n, self._drop_node(n)) for n in dead]
+        for node in out:
+            log.info("purged dead node %s (%d connections)", node.node_id, len(node.connections))
+        return out
+
+    # --- reads ------------------------------------------------------------------------
+    async def is_online(self, uid: str) -> bool:
+        return bool(await self.client_ids(uid))
+
+    async def client_ids(self, uid: str) -> list[str]:
+        live = self._live()
+        return sorted(c for c in self._s.uids.get(uid, ()) if node_of_client(c) in live)
+
+    async def group_members(self, group: str) -> GroupInfo:
+        live = self._live()
+        members = [
+            (cid, uid)
+            for cid, uid in self._s.groups.get(group, {}).items()
+            if node_of_client(cid) in live
+        ]
+        uids = sorted({uid for _, uid in members if uid is not None})
+        return GroupInfo(uids, len(members))
+
+    async def nodes(self) -> list[NodeInfo]:
+        live = self._live()
+        s = self._s
+        return [NodeInfo(n, dict(s.nodes[n].stats)) for n in sorted(live)]

@@ -1,0 +1,119 @@
+"""``wscluster up``: a local cluster in one command (an embedded broker and N node processes),
+stopped as a whole with Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from .embedded import EmbeddedRedis, EmbeddedRedisError
+
+log = logging.getLogger("wscluster.up")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: get SIGTERM if `wscluster up` dies (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    redis: EmbeddedRedis | None = None
+    broker = args.broker
+    if broker is None:
+        redis = EmbeddedRedis()
+        try:
+            redis.start()
+        except EmbeddedRedisError as exc:
+            print(f"wscluster up: {exc}", file=sys.stderr)
+            return 1
+        broker = redis.url
+        log.info("embedded valkey-server on %s (pid %s)", broker, redis.pid)
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for i in range(1, args.nodes + 1):
+            port = args.base_port + i
+            cmd = [
+                sys.executable, "-m", "wscluster", "serve", "--anonymous",
+                "--host", args.host, "--port", str(port), "--api-port", str(port + 1000),
+                "--broker", broker, "--namespace", args.namespace,
+                "--node-name", f"node{i}", "--log-level", args.log_level,
+            ]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+        for i, proc in enumerate(procs, 1):
+            health = f"http://{args.host}:{args.base_port + i}/healthz"
+            if not _wait_healthy(health, proc, 15):
+                print(f"wscluster up: node {i} did not become healthy", file=sys.stderr)
+                return 1
+        _banner(args, broker)
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        if not stopping:
+            print("wscluster up: a node exited; stopping the cluster", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if redis is not None:
+            redis.cleanup()
+        print("wscluster up: stopped", file=sys.stderr)
+
+
+def _banner(args: argparse.Namespace, broker: str) -> None:
+    ns = "" if args.namespace == "wsc" else f" --namespace {args.namespace}"
+    lines = [f"wscluster is up: {args.nodes} nodes, broker {broker}", ""]
+    for i in range(1, args.nodes + 1):
+        port = args.base_port + i
+        lines.append(f"  node{i}: ws://{args.host}:{port}/ws   page http://{args.host}:{port}/"
+                     f"   api http://127.0.0.1:{port + 1000}/api/")  # fmt: skip
+    lines += [
+        "",
+        "Try it:",
+        f"  python -m websockets ws://{args.host}:{args.base_port + 1}/ws",
+        '    then type: {"type": "login", "uid": "alice"}',
+        f"  wscluster send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
+        f"  wscluster status --broker {broker}{ns}",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)
