@@ -80,8 +80,10 @@ class Connection(WSListener):  # type: ignore[misc]
                 data, self._frag = bytes(self._frag), None
                 self._data(data, self._frag_binary)
         elif kind is WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            transport.send_close(code if isinstance(code, WSCloseCode) else WSCloseCode.OK)
+            if not self.closing:  # the client started the closing handshake: answer it
+                self.closing = True
+                code = frame.get_close_code()
+                transport.send_close(code if isinstance(code, WSCloseCode) else WSCloseCode.OK)
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -147,8 +149,8 @@ class Connection(WSListener):  # type: ignore[misc]
             self.close(ABUSE_CLOSE, "too many bad frames")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Send a close frame and drop the link shortly after (bounded, even if the peer
-        never reads)."""
+        """Start the closing handshake; the link is dropped when the peer answers with its
+        close frame, or after a short grace period (bounded, even if it never reads)."""
         if self.closing or self.transport is None:
             return
         self.closing = True
@@ -159,7 +161,6 @@ class Connection(WSListener):  # type: ignore[misc]
         except ValueError:
             close_code = code
         transport.send_close(close_code, reason.encode()[:120] if reason else None)
-        transport.disconnect(graceful=True)
         asyncio.get_running_loop().call_later(
             _ABORT_AFTER, transport.underlying_transport.abort
         )

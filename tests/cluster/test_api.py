@@ -1,0 +1,64 @@
+"""The Python API (Cluster, SyncCluster) against real nodes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wscluster import Cluster, SyncCluster
+from wscluster.errors import Code, ProtocolError
+
+from .conftest import Cluster as Nodes
+from .wsclient import WS
+
+
+async def test_cluster_api(cluster: Nodes, unique: str) -> None:
+    u = f"api{unique}"
+    a1 = await WS.open(cluster.ws_urls[0], u)
+    a2 = await WS.open(cluster.ws_urls[1], u)
+    anon = await WS.open(cluster.ws_urls[2])
+    for ws in (a1, anon):
+        await ws.ok({"type": "join", "group": f"g{unique}"})
+    async with Cluster(cluster.redis_url, namespace=cluster.namespace) as api:
+        assert await api.is_online(u)
+        assert not await api.is_online(f"ghost{unique}")
+        assert await api.client_ids(u) == sorted([a1.client_id, a2.client_id])
+        assert await api.group_members(f"g{unique}") == [u]
+        assert await api.group_count(f"g{unique}") == 2
+        t0 = asyncio.get_running_loop().time()
+        while await api.count() < 3:  # counts come with node heartbeats (0.5 s here)
+            assert asyncio.get_running_loop().time() - t0 < 3
+            await asyncio.sleep(0.1)
+        stats = await api.stats()
+        assert len(stats["nodes"]) == 3
+        await api.send(f"uid:{u}", {"x": 1}, exclude=[a2.client_id])
+        assert (await a1.next(type="message"))["data"] == {"x": 1}
+        await a2.nothing()
+        await api.send_verbatim(f"client:{anon.client_id}", b'{"custom": true}')
+        assert await anon.next() == {"custom": True}
+        with pytest.raises(ProtocolError) as info:
+            await api.send("nowhere", 1)
+        assert info.value.code is Code.BAD_REQUEST
+        with pytest.raises(ProtocolError):
+            await api.send("all", object())
+        with pytest.raises(ProtocolError):
+            await api.close("group:x")
+        await api.close(f"client:{a1.client_id}", 4001)
+    await a2.ok({"type": "ping"})  # the other device is untouched
+    for ws in (a1, a2, anon):
+        await ws.close()
+
+
+async def test_sync_cluster(cluster: Nodes, unique: str) -> None:
+    ws = await WS.open(cluster.ws_urls[2], f"sync{unique}")
+
+    def backend() -> tuple[bool, int]:
+        with SyncCluster(cluster.redis_url, namespace=cluster.namespace) as api:
+            api.send(f"uid:sync{unique}", "from django")
+            return api.is_online(f"sync{unique}"), api.count()
+
+    online, count = await asyncio.to_thread(backend)
+    assert online and count >= 1
+    assert (await ws.next(type="message"))["data"] == "from django"
+    await ws.close()

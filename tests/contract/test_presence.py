@@ -1,0 +1,374 @@
+"""The Presence contract (presence/base.py), run against every implementation.
+
+Redis runs against a private valkey-server (conftest). Writes come from one instance and
+reads from another, as they would from two nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from wscluster.embedded import EmbeddedRedis
+from wscluster.errors import PresenceUnavailable
+from wscluster.naming import Names, client_id, new_node_id
+from wscluster.presence import ConnInfo, DeadNode, GroupInfo, Presence, create_presence
+from wscluster.presence.memory import MemoryPresence
+from wscluster.presence.redis import RedisPresence
+
+TTL = 30.0
+SHORT_TTL = 0.3
+EXPIRED = 0.5  # sleep after which a SHORT_TTL node is dead
+
+
+class Store:
+    """One shared store and the presence instances opened on it."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.kind = "memory" if url.startswith("memory:") else "redis"
+        self._opened: list[Presence] = []
+
+    async def make(self, namespace: str | None = None, **kwargs: Any) -> Presence:
+        p = create_presence(self.url, Names(namespace or self.namespace), **kwargs)
+        await p.start()
+        self._opened.append(p)
+        return p
+
+    async def keys(self) -> list[str]:
+        async with aioredis.from_url(self.url, decode_responses=True) as r:
+            return sorted([k async for k in r.scan_iter(match=f"{self.namespace}:*")])
+
+    async def flush(self) -> None:
+        """Empty the store of this namespace, as a store restarted empty would be."""
+        if self.kind == "memory":
+            MemoryPresence(Names(self.namespace), "contract").flush()
+            return
+        async with aioredis.from_url(self.url) as r:
+            keys = [k async for k in r.scan_iter(match=f"{self.namespace}:*")]
+            if keys:
+                await r.delete(*keys)
+
+    async def aclose(self) -> None:
+        for p in self._opened:
+            await p.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = "memory://contract"
+    s = Store(url, namespace)
+    yield s
+    await s.aclose()
+
+
+async def live_node(p: Presence, name: str = "n", ttl: float = TTL) -> str:
+    node = new_node_id(name)
+    assert await p.heartbeat(node, ttl, {"connections": 0}) is False  # new: unknown
+    assert await p.heartbeat(node, ttl, {"connections": 0}) is True
+    return node
+
+
+async def test_writes_are_read_from_another_instance(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    c1, c2 = client_id(node, 1), client_id(node, 2)
+    await a.add(node, ConnInfo(c1, "alice", ["room"]))
+    await a.add(node, ConnInfo(c2))
+    assert await b.is_online("alice")
+    assert await b.client_ids("alice") == [c1]
+    assert await b.group_members("room") == GroupInfo(["alice"], 1)
+
+    await a.bind(node, c2, None, "bob")
+    await a.join(node, c2, "bob", "room")
+    await a.join(node, c2, "bob", "other")
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == (["alice", "bob"], 2)
+    await a.leave(node, c2, "room")
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == (["alice"], 1)
+    assert (await b.group_members("other")).uids == ["bob"]
+
+    await a.remove(node, c2, "bob", ["other"])
+    assert not await b.is_online("bob")
+    assert (await b.group_members("other")).count == 0
+    await a.remove(node, c1, "alice", ["room"])
+    assert await b.client_ids("alice") == []
+    assert (await b.group_members("room")).count == 0
+    if store.kind == "redis":  # nothing left but the node's own liveness
+        ns = store.namespace
+        assert await store.keys() == [f"{ns}:alive:{node}", f"{ns}:nodes"]
+
+
+async def test_rebind_moves_the_uid(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    cid = client_id(node, 1)
+    await a.add(node, ConnInfo(cid, "alice", ["room"]))
+    await a.bind(node, cid, "alice", "bob")
+    assert not await b.is_online("alice")
+    assert await b.client_ids("bob") == [cid]
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == (["bob"], 1)
+    await a.bind(node, cid, "bob", None)
+    assert not await b.is_online("bob")
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == ([], 1)
+
+
+async def test_group_uids_are_distinct_and_count_has_anonymous(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    n1, n2 = await live_node(a, "one"), await live_node(a, "two")
+    await a.add(n1, ConnInfo(client_id(n1, 1), "zoe", ["g"]))
+    await a.add(n1, ConnInfo(client_id(n1, 2), "alice", ["g"]))
+    await a.add(n2, ConnInfo(client_id(n2, 1), "alice", ["g"]))
+    await a.add(n2, ConnInfo(client_id(n2, 2), None, ["g"]))
+    info = await b.group_members("g")
+    assert (info.uids, info.count) == (["alice", "zoe"], 4)
+    assert await b.client_ids("alice") == sorted([client_id(n1, 2), client_id(n2, 1)])
+
+
+async def test_writes_fired_without_awaiting_apply_in_order(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    cids = [client_id(node, i) for i in range(8)]
+    groups = [f"g{i}" for i in range(10)]
+    uid = {c: f"u{i}" for i, c in enumerate(cids)}
+    rng = random.Random(1234)
+    member: dict[tuple[str, str], bool] = {}
+    ops = []
+    for _ in range(1000):
+        cid, group = rng.choice(cids), rng.choice(groups)
+        joins = rng.random() < 0.5
+        member[cid, group] = joins
+        op = a.join(node, cid, uid[cid], group) if joins else a.leave(node, cid, group)
+        ops.append(asyncio.ensure_future(op))
+    await asyncio.gather(*ops)
+    for group in groups:
+        expected = sorted(uid[c] for c in cids if member.get((c, group)))
+        info = await b.group_members(group)
+        assert (info.uids, info.count) == (expected, len(expected)), group
+
+
+async def test_thousands_of_concurrent_adds_are_quick(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(a.add(node, ConnInfo(client_id(node, i), f"u{i}", ["lobby"])) for i in range(5000))
+    )
+    assert time.monotonic() - started < 3.0
+    assert (await b.group_members("lobby")).count == 5000
+
+
+async def test_readers_drop_expired_nodes_before_any_purge(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    dying, alive = await live_node(a, "dying", SHORT_TTL), await live_node(a, "alive")
+    await a.add(dying, ConnInfo(client_id(dying, 1), "alice", ["room"]))
+    await a.add(alive, ConnInfo(client_id(alive, 1), "bob", ["room"]))
+    assert await b.is_online("alice")
+    assert {n.node_id for n in await b.nodes()} == {dying, alive}
+    await asyncio.sleep(EXPIRED)
+    assert not await b.is_online("alice")
+    assert await b.client_ids("alice") == []
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == (["bob"], 1)
+    assert [n.node_id for n in await b.nodes()] == [alive]
+
+
+async def test_purge_dead_claims_each_node_exactly_once(store: Store) -> None:
+    writer = await store.make()
+    survivors = [await store.make() for _ in range(3)]
+    dead = await live_node(writer, "dead", SHORT_TTL)
+    keep = await live_node(survivors[0], "keep")
+    conns = [
+        ConnInfo(client_id(dead, 1), "alice", ["a", "b"]),
+        ConnInfo(client_id(dead, 2), None, ["a"]),
+        ConnInfo(client_id(dead, 3), "bob", []),
+    ]
+    for conn in conns:
+        await writer.add(dead, conn)
+    await survivors[0].add(keep, ConnInfo(client_id(keep, 1), "carol", ["a"]))
+    await asyncio.sleep(EXPIRED)
+
+    results = await asyncio.gather(*(s.purge_dead() for s in survivors))
+    claimed = [d for r in results for d in r]
+    assert claimed == [DeadNode(dead, conns)]
+    assert sum(1 for r in results if r) == 1
+    assert await survivors[1].purge_dead() == []
+    assert [n.node_id for n in await survivors[2].nodes()] == [keep]
+    info = await survivors[2].group_members("a")
+    assert (info.uids, info.count) == (["carol"], 1)
+    if store.kind == "redis":  # the dead node left nothing behind
+        assert not [k for k in await store.keys() if dead in k]
+    # a node that was only paused finds itself forgotten and resyncs
+    assert await writer.heartbeat(dead, TTL, {"connections": 3}) is False
+    await writer.resync(dead, conns, TTL, {"connections": 3})
+    assert await survivors[1].client_ids("alice") == [client_id(dead, 1)]
+
+
+async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    conns = [ConnInfo(client_id(node, 1), "alice", ["room"]), ConnInfo(client_id(node, 2))]
+    for conn in conns:
+        await a.add(node, conn)
+    assert await a.heartbeat(node, TTL, {"connections": 2}) is True
+    await store.flush()
+    assert not await b.is_online("alice")
+    assert await a.heartbeat(node, TTL, {"connections": 2}) is False
+    await a.resync(node, conns, TTL, {"connections": 2})
+    assert await a.heartbeat(node, TTL, {"connections": 2}) is True
+    assert await b.client_ids("alice") == [client_id(node, 1)]
+    info = await b.group_members("room")
+    assert (info.uids, info.count) == (["alice"], 1)
+
+
+async def test_resync_of_5000_connections_is_quick(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a)
+    await a.add(node, ConnInfo(client_id(node, 99_999), "stale", ["old"]))
+    await a.add(node, ConnInfo(client_id(node, 0), "renamed", ["old", "g0"]))
+    conns = [
+        ConnInfo(client_id(node, i), f"u{i % 1000}", ["big", f"g{i % 10}"]) for i in range(5000)
+    ]
+    started = time.monotonic()
+    await a.resync(node, conns, TTL, {"connections": 5000})
+    assert time.monotonic() - started < 3.0
+    big = await b.group_members("big")
+    assert (len(big.uids), big.count) == (1000, 5000)
+    assert (await b.group_members("g0")).count == 500
+    assert (await b.group_members("old")).count == 0
+    assert not await b.is_online("stale")
+    assert not await b.is_online("renamed")
+    assert await b.client_ids("u0") == sorted(client_id(node, i) for i in range(0, 5000, 1000))
+
+
+async def test_remove_node_forgets_it_and_its_connections(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node, other = await live_node(a), await live_node(a, "other")
+    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    await a.add(other, ConnInfo(client_id(other, 1), "bob", ["room"]))
+    await a.remove_node(node)
+    assert not await b.is_online("alice")
+    assert (await b.group_members("room")).uids == ["bob"]
+    assert [n.node_id for n in await b.nodes()] == [other]
+    assert await b.purge_dead() == []
+    assert await a.heartbeat(node, TTL, {}) is False
+
+
+async def test_nodes_report_their_last_stats(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    n1, n2 = await live_node(a, "one"), await live_node(a, "two")
+    await a.heartbeat(n1, TTL, {"connections": 3, "version": "x"})
+    await a.heartbeat(n2, TTL, {"connections": 0})
+    got = {n.node_id: n.stats for n in await b.nodes()}
+    assert got == {n1: {"connections": 3, "version": "x"}, n2: {"connections": 0}}
+
+
+async def test_namespaces_isolate_clusters(store: Store, namespace: str) -> None:
+    a, b = await store.make(), await store.make(namespace + "x")
+    node = new_node_id("same")
+    for p in (a, b):
+        await p.heartbeat(node, SHORT_TTL, {"connections": 1})
+    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    assert not await b.is_online("alice")
+    assert (await b.group_members("room")).count == 0
+    await asyncio.sleep(EXPIRED)
+    assert [d.node_id for d in await b.purge_dead()] == [node]
+    [dead] = await a.purge_dead()
+    assert dead.connections == [ConnInfo(client_id(node, 1), "alice", ["room"])]
+
+
+# --- Redis only: an unreachable or silent server ----------------------------------------
+async def test_redis_down_fails_fast_then_heals(own_valkey: EmbeddedRedis, namespace: str) -> None:
+    p = RedisPresence(own_valkey.url, Names(namespace), timeout=0.5)
+    await p.start()
+    try:
+        node = await live_node(p)
+        conn = ConnInfo(client_id(node, 1), "alice", ["room"])
+        await p.add(node, conn)
+        own_valkey.stop(kill=True)
+        for write in (p.add(node, conn), p.heartbeat(node, TTL, {}), p.purge_dead()):
+            started = time.monotonic()
+            with pytest.raises(PresenceUnavailable):
+                await write
+            assert time.monotonic() - started < 1.0
+        with pytest.raises(PresenceUnavailable):
+            await p.is_online("alice")
+        own_valkey.start()
+        assert await p.heartbeat(node, TTL, {}) is False  # restarted empty
+        await p.resync(node, [conn], TTL, {})
+        assert await p.heartbeat(node, TTL, {}) is True
+        assert await p.client_ids("alice") == [conn.client_id]
+    finally:
+        await p.close()
+
+
+async def test_redis_silent_times_out_then_asks_for_resync(
+    own_valkey: EmbeddedRedis, namespace: str
+) -> None:
+    p = RedisPresence(own_valkey.url, Names(namespace), timeout=0.5)
+    await p.start()
+    pid = own_valkey.pid
+    assert pid is not None
+    try:
+        node = await live_node(p)
+        conn = ConnInfo(client_id(node, 1), "alice", ["room"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                p.add(node, conn), p.join(node, conn.client_id, "alice", "x"), p.nodes(),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - started < 1.5
+            assert all(isinstance(r, PresenceUnavailable) for r in results), results
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # the store kept the node, but may have missed writes: the node must resync
+        assert await p.heartbeat(node, TTL, {}) is False
+        await p.resync(node, [conn], TTL, {})
+        assert await p.heartbeat(node, TTL, {}) is True
+        assert (await p.group_members("room")).uids == ["alice"]
+        assert (await p.group_members("x")).count == 0
+    finally:
+        await p.close()
+
+
+async def test_create_presence_picks_the_backend_by_scheme() -> None:
+    names = Names("factory")
+    mem = create_presence("memory://hub1", names)
+    assert isinstance(mem, MemoryPresence) and mem.hub == "hub1"
+    assert isinstance(create_presence("memory://", names), MemoryPresence)
+    assert create_presence("memory://", names).hub == "default"  # type: ignore[attr-defined]
+    for url in ("redis://127.0.0.1:1/0", "rediss://h:6380", "unix:///tmp/r.sock"):
+        assert isinstance(create_presence(url, names, timeout=1.0), RedisPresence)
+    for bad in ("nats://h:4222", "127.0.0.1:6379", ""):
+        with pytest.raises(ValueError):
+            create_presence(bad, names)
+    with pytest.raises(PresenceUnavailable):  # not started
+        await RedisPresence("redis://127.0.0.1:1/0", names).is_online("x")
+
+
+async def test_memory_hubs_are_isolated() -> None:
+    names = Names("hubs")
+    a, b = MemoryPresence(names, "h-a"), MemoryPresence(names, "h-b")
+    node = new_node_id("n")
+    await a.heartbeat(node, TTL, {})
+    await a.add(node, ConnInfo(client_id(node, 1), "alice"))
+    assert await MemoryPresence(names, "h-a").is_online("alice")
+    assert not await b.is_online("alice")
+    await a.remove_node(node)
