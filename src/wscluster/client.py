@@ -149,38 +149,26 @@ class PushQueue:
                 fut.set_result(None)
 
 
-class Pending:
+class Pending(dict[int, "asyncio.Future[Frame]"]):
     """Futures of the requests in flight on one connection, keyed by id."""
-
-    def __init__(self) -> None:
-        self._futures: dict[int, asyncio.Future[Frame]] = {}
-
-    def __len__(self) -> int:
-        return len(self._futures)
 
     def add(self, frame_id: int) -> asyncio.Future[Frame]:
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._futures[frame_id] = fut
+        self[frame_id] = fut
         return fut
-
-    def discard(self, frame_id: int) -> None:
-        self._futures.pop(frame_id, None)
 
     def resolve(self, frame: Frame) -> bool:
         """Hand a reply to the request with its id; False when no request waits for it."""
         frame_id = frame.get("id")
-        if type(frame_id) is not int:
-            return False
-        fut = self._futures.pop(frame_id, None)
-        if fut is None:
-            return False
-        if not fut.done():
+        fut = self.pop(frame_id, None) if type(frame_id) is int else None
+        if fut is not None and not fut.done():
             fut.set_result(frame)
-        return True
+        return fut is not None
 
     def fail_all(self, exc: ConnectionClosed) -> None:
-        futures, self._futures = self._futures, {}
-        for fut in futures.values():
+        futures = list(self.values())
+        self.clear()
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(ConnectionClosed(exc.code, exc.reason))
 
@@ -486,7 +474,7 @@ class Client:
             link.send(out)
             reply = await asyncio.wait_for(fut, max(budget, 0.0))
         finally:
-            link.pending.discard(frame_id)
+            link.pending.pop(frame_id, None)
         if reply.get("type") == "error":
             code, message = reply.get("code"), reply.get("message")
             raise ServerError(str(code), str(message or ""), reply.get("id"))
@@ -559,6 +547,17 @@ class Client:
             self._ready.set()  # wake waiting requests: they see _finished and raise
 
     async def _supervise(self, link: _Link) -> None:
+        try:
+            await self._watch(link)
+        except Exception as exc:  # never leave waiters hanging on a dead supervisor
+            log.exception("wscluster client supervisor failed")
+            self._finish(ConnectionClosed(self.closed_code, f"reconnect failed: {exc!r}"))
+        finally:
+            if self._finished is None and not self._ready.is_set():
+                self._finish(ConnectionClosed(self.closed_code, "supervisor stopped"))
+
+    async def _watch(self, link: _Link) -> None:
+        """Wait for the link to drop; reconnect and restore the session, or finish."""
         while True:
             await link.lost
             if link.transport is not None:

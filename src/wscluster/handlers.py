@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import envelope, frames
@@ -202,7 +202,7 @@ class Handlers:
         self,
         conn: Connection,
         frame_id: frames.FrameId,
-        waits: list[Awaitable[None]],
+        waits: Sequence[Awaitable[None]],
         result: dict[str, object],
         rollback: Callable[[], None] | None,
         on_success: Callable[[], None] | None = None,

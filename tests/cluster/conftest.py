@@ -46,7 +46,7 @@ class NodeProc:
             "--port", str(self.port), "--api-port", str(self.api_port),
             "--node-name", f"node{self.index}", *self.args,
         ]  # fmt: skip
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")  # handed to the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         log.close()
         if wait:

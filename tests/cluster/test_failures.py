@@ -159,7 +159,9 @@ async def test_slow_consumer_closed_1013_others_unaffected(
         await ws.close()
 
 
-async def test_sigterm_drains(valkey: EmbeddedRedis, make_cluster: MakeCluster, unique: str) -> None:
+async def test_sigterm_drains(
+    valkey: EmbeddedRedis, make_cluster: MakeCluster, unique: str
+) -> None:
     c = make_cluster(valkey.url, 2, ["--drain-timeout", "3", "--node-heartbeat", "0.5"])
     clients = [await WS.open(c.ws_urls[1], f"d{i}{unique}") for i in range(5)]
     assert (await _presence(c.api_urls[0], f"uid:d0{unique}"))["online"] is True

@@ -142,7 +142,7 @@ async def test_unsolicited_frames_go_to_the_queue() -> None:
 async def test_late_reply_to_timed_out_request_is_dropped() -> None:
     pending, q = Pending(), PushQueue(10)
     pending.add(3)
-    pending.discard(3)  # the request gave up
+    pending.pop(3)  # the request gave up
     route({"type": "ack", "id": 3}, pending, q, last_id=3)
     route({"type": "ack", "id": True}, pending, q, last_id=3)  # bool is not an id of ours
     assert len(q) == 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -320,19 +321,21 @@ class RedisBroker:
                 inflight.append(item)
             packed = conn.pack_commands([("PUBLISH", ch, data) for ch, data, _ in inflight])
             await conn.send_packed_command(packed, check_health=False)
-            while inflight:
-                try:
-                    await conn.read_response()
-                except ResponseError as exc:
+            async with asyncio.timeout(self._publish_timeout):  # for the whole batch
+                while inflight:
+                    error: BrokerUnavailable | None = None
+                    try:
+                        await conn.read_response(timeout=math.inf)
+                    except ResponseError as exc:
+                        error = BrokerUnavailable(f"publish refused: {exc}")
                     _, data, fut = inflight.popleft()
                     self._pending_bytes -= len(data)
-                    if not fut.done():
-                        fut.set_exception(BrokerUnavailable(f"publish refused: {exc}"))
-                else:
-                    _, data, fut = inflight.popleft()
-                    self._pending_bytes -= len(data)
-                    if not fut.done():
+                    if fut.done():
+                        pass
+                    elif error is None:
                         fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
 
     # --- subscribing -----------------------------------------------------------------
     async def _send_batched(self, conn: AbstractConnection, cmd: str, chans: list[str]) -> None:

@@ -34,7 +34,7 @@ class ConnectionHost(Protocol):
     def on_closed(self, conn: Connection) -> None: ...
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """A client connection. ``cid`` is set by the node on open."""
 
     def __init__(self, host: ConnectionHost, peer: str | None) -> None:
@@ -156,11 +156,7 @@ class Connection(WSListener):  # type: ignore[misc]
         self.closing = True
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
-        try:
-            close_code = WSCloseCode(code)
-        except ValueError:
-            close_code = code
-        transport.send_close(close_code, reason.encode()[:120] if reason else None)
+        transport.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
         asyncio.get_running_loop().call_later(
             _ABORT_AFTER, transport.underlying_transport.abort
         )

@@ -54,8 +54,7 @@ log = logging.getLogger("wscluster.presence")
 
 _UID = "uid"  # conn hash field: the uid ('' when none)
 _G = "g:"  # conn hash field prefix: one field per joined group
-_SCRIPT_CMDS = 5_000  # commands per script call
-_BATCH_CMDS = 20_000  # commands per writer batch
+_SCRIPT_CMDS = 5_000  # commands per script call (a writer batch is up to 4 calls)
 _ERRORS = (RedisError, OSError, TimeoutError)
 
 # KEYS[1] with ARGV[1] '1': a guard, do nothing (return nil) if that alive key exists.
@@ -197,7 +196,7 @@ class RedisPresence:
                 continue
             batch: list[_Op] = []
             ncmds = 0
-            while self._queue and self._queue[0].run is None and ncmds < _BATCH_CMDS:
+            while self._queue and self._queue[0].run is None and ncmds < 4 * _SCRIPT_CMDS:
                 op = self._queue.popleft()
                 if not op.fut.done():  # else its caller gave up, and its node is dirty
                     batch.append(op)
@@ -270,13 +269,6 @@ class RedisPresence:
         return out
 
     # --- command builders -------------------------------------------------------------
-    def _loc(self, node_id: str, cid: str, uid: str | None) -> _Local:
-        conns = self._local.setdefault(node_id, {})
-        loc = conns.get(cid)
-        if loc is None:
-            loc = conns[cid] = _Local(uid)
-        return loc
-
     def _heartbeat_cmd(self, node_id: str, ttl: float, stats: dict[str, Any]) -> Cmd:
         n, ttl_ms = self.names, max(1, round(ttl * 1000))
         stats_json = json.dumps(stats, separators=(",", ":"))
@@ -299,7 +291,7 @@ class RedisPresence:
         n = self.names
         cmds: list[Cmd] = [("SREM", n.uid_key(u), cid) for u in set(uids) if u]
         cmds += [("HDEL", n.group_key(g), cid) for g in set(groups)]
-        return cmds + [("DEL", n.conn_key(cid)), ("HDEL", n.node_conns_key(node_id), cid)]
+        return [*cmds, ("DEL", n.conn_key(cid)), ("HDEL", n.node_conns_key(node_id), cid)]
 
     # --- writes -----------------------------------------------------------------------
     async def add(self, node_id: str, conn: ConnInfo) -> None:
@@ -308,7 +300,7 @@ class RedisPresence:
 
     async def bind(self, node_id: str, cid: str, old_uid: str | None, uid: str | None) -> None:
         n, u = self.names, uid or ""
-        loc = self._loc(node_id, cid, old_uid)
+        loc = self._local.setdefault(node_id, {}).setdefault(cid, _Local(old_uid))
         cmds: list[Cmd] = [("HSET", n.node_conns_key(node_id), cid, u),
                            ("HSET", n.conn_key(cid), _UID, u)]
         cmds += [("SREM", n.uid_key(x), cid) for x in {old_uid, loc.uid} if x and x != uid]
@@ -320,7 +312,7 @@ class RedisPresence:
 
     async def join(self, node_id: str, cid: str, uid: str | None, group: str) -> None:
         n, u = self.names, uid or ""
-        self._loc(node_id, cid, uid).groups.add(group)
+        self._local.setdefault(node_id, {}).setdefault(cid, _Local(uid)).groups.add(group)
         await self._submit(node_id, [("HSET", n.node_conns_key(node_id), cid, u),
                                     ("HSET", n.conn_key(cid), _UID, u, _G + group, ""),
                                     ("HSET", n.group_key(group), cid, u)])
@@ -419,7 +411,8 @@ class RedisPresence:
                                      for d in dead))
         for node_id in (d for d, won in zip(dead, claims, strict=True) if won):
             try:
-                conns = await self._drop_node(self._reader(), node_id)
+                assert self._r is not None
+                conns = await self._drop_node(self._r, node_id)
             except _ERRORS as exc:
                 raise _unavailable(exc) from exc
             if conns is not None:
@@ -428,14 +421,11 @@ class RedisPresence:
         return out
 
     # --- reads ------------------------------------------------------------------------
-    def _reader(self) -> Redis:
+    async def _query(self, *cmds: Cmd) -> list[Any]:
         if self._r is None:
             raise PresenceUnavailable("RedisPresence is not started")
-        return self._r
-
-    async def _query(self, *cmds: Cmd) -> list[Any]:
         try:
-            return await self._execute(self._reader(), cmds)
+            return await self._execute(self._r, cmds)
         except _ERRORS as exc:
             raise _unavailable(exc) from exc
 
