@@ -87,16 +87,17 @@ class Node:
         conns = [e.conn for _, e in self.registry.items()]
         step = max(0.05, (cfg.drain_timeout / 2) / max(1, len(conns) // cfg.drain_batch + 1))
         for i in range(0, len(conns), cfg.drain_batch):
+            late = time.monotonic() >= deadline
             for conn in conns[i : i + cfg.drain_batch]:
-                retry = int(random.uniform(0.2, 1.0) * 1000 * max(1.0, cfg.drain_timeout / 2))
-                conn.close(1012, f'{{"retry_ms": {retry}}}')
+                if late:  # out of time: no reconnect hint, just going away
+                    conn.close(1001, "node stopping")
+                else:
+                    retry = int(random.uniform(0.2, 1.0) * 500 * max(1.0, cfg.drain_timeout))
+                    conn.close(1012, f'{{"retry_ms": {retry}}}')
             if i + cfg.drain_batch < len(conns):
                 await asyncio.sleep(step)
         while len(self.registry) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        for _, entry in self.registry.items():
-            entry.conn.closing = False
-            entry.conn.close(1001, "node stopping")
         await self.stop()
 
     async def stop(self) -> None:
@@ -151,7 +152,7 @@ class Node:
         self.metrics.connects.inc()
         conn.reply(frames.encode({
             "type": "welcome", "client_id": conn.cid, "node": self.node_id, "uid": None,
-            "heartbeat": self.config.ping_interval,
+            "heartbeat": _number(self.config.ping_interval),
         }))  # fmt: skip
         add = self.presence.add(self.node_id, ConnInfo(conn.cid))
         self.spawn(self._quiet(self.presence_write(add)))
@@ -309,6 +310,10 @@ class Node:
         if n:
             self.metrics.deliveries.inc(n)
             self.metrics.frames_out.inc(n)
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
 
 
 def _ignore_failure(fut: asyncio.Future[None]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from wscluster.embedded import EmbeddedRedis
+from wscluster.embedded import EmbeddedRedis, free_port
 from wscluster.errors import PresenceUnavailable
 from wscluster.naming import Names, client_id, new_node_id
 from wscluster.presence import ConnInfo, DeadNode, GroupInfo, Presence, create_presence
@@ -116,16 +116,19 @@ async def test_rebind_moves_the_uid(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
     cid = client_id(node, 1)
-    await a.add(node, ConnInfo(cid, "alice", ["room"]))
-    await a.bind(node, cid, "alice", "bob")
+    bob, room = "bob:élise 😀", 'salle:1/ü "x"'  # names are taken verbatim
+    await a.add(node, ConnInfo(cid, "alice", [room]))
+    await a.bind(node, cid, "alice", bob)
     assert not await b.is_online("alice")
-    assert await b.client_ids("bob") == [cid]
-    info = await b.group_members("room")
-    assert (info.uids, info.count) == (["bob"], 1)
-    await a.bind(node, cid, "bob", None)
-    assert not await b.is_online("bob")
-    info = await b.group_members("room")
+    assert await b.client_ids(bob) == [cid]
+    info = await b.group_members(room)
+    assert (info.uids, info.count) == ([bob], 1)
+    await a.bind(node, cid, bob, None)
+    assert not await b.is_online(bob)
+    info = await b.group_members(room)
     assert (info.uids, info.count) == ([], 1)
+    await a.bind(node, cid, None, "carol")
+    assert (await b.group_members(room)).uids == ["carol"]
 
 
 async def test_group_uids_are_distinct_and_count_has_anonymous(store: Store) -> None:
@@ -178,6 +181,7 @@ async def test_readers_drop_expired_nodes_before_any_purge(store: Store) -> None
     dying, alive = await live_node(a, "dying", SHORT_TTL), await live_node(a, "alive")
     await a.add(dying, ConnInfo(client_id(dying, 1), "alice", ["room"]))
     await a.add(alive, ConnInfo(client_id(alive, 1), "bob", ["room"]))
+    await a.heartbeat(dying, SHORT_TTL, {"connections": 1})
     assert await b.is_online("alice")
     assert {n.node_id for n in await b.nodes()} == {dying, alive}
     await asyncio.sleep(EXPIRED)
@@ -217,6 +221,18 @@ async def test_purge_dead_claims_each_node_exactly_once(store: Store) -> None:
     assert await writer.heartbeat(dead, TTL, {"connections": 3}) is False
     await writer.resync(dead, conns, TTL, {"connections": 3})
     assert await survivors[1].client_ids("alice") == [client_id(dead, 1)]
+
+
+async def test_a_node_back_before_the_purge_is_kept(store: Store) -> None:
+    a, b = await store.make(), await store.make()
+    node = await live_node(a, "paused", SHORT_TTL)
+    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    await asyncio.sleep(EXPIRED)
+    assert not await b.is_online("alice")
+    assert await a.heartbeat(node, TTL, {"connections": 1}) is True  # not purged yet
+    assert await b.purge_dead() == []
+    assert await b.client_ids("alice") == [client_id(node, 1)]
+    assert (await b.group_members("room")).count == 1
 
 
 async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> None:
@@ -348,12 +364,30 @@ async def test_redis_silent_times_out_then_asks_for_resync(
         await p.close()
 
 
+async def test_redis_unreachable_at_start(namespace: str) -> None:
+    p = RedisPresence(f"redis://127.0.0.1:{free_port()}/0", Names(namespace), timeout=0.5)
+    await p.start()  # a node may start before its store: failures show on use
+    try:
+        node = new_node_id("n")
+        started = time.monotonic()
+        with pytest.raises(PresenceUnavailable):
+            await p.heartbeat(node, TTL, {})
+        with pytest.raises(PresenceUnavailable):
+            await p.group_members("g")
+        assert time.monotonic() - started < 1.0
+    finally:
+        await p.close()
+    with pytest.raises(PresenceUnavailable):  # closed
+        await p.add(node, ConnInfo(client_id(node, 1)))
+
+
 async def test_create_presence_picks_the_backend_by_scheme() -> None:
     names = Names("factory")
     mem = create_presence("memory://hub1", names)
     assert isinstance(mem, MemoryPresence) and mem.hub == "hub1"
     assert isinstance(create_presence("memory://", names), MemoryPresence)
     assert create_presence("memory://", names).hub == "default"  # type: ignore[attr-defined]
+    assert isinstance(create_presence("memory://", names, timeout=1.0), MemoryPresence)
     for url in ("redis://127.0.0.1:1/0", "rediss://h:6380", "unix:///tmp/r.sock"):
         assert isinstance(create_presence(url, names, timeout=1.0), RedisPresence)
     for bad in ("nats://h:4222", "127.0.0.1:6379", ""):

@@ -1,24 +1,18 @@
 """Redis (or Valkey) broker: PUBLISH and SUBSCRIBE over two dedicated connections.
 
-Guarantee: **at-most-once**, **FIFO per publisher**. Messages published through one
-``RedisBroker`` reach every subscriber in ``publish_nowait`` call order (one connection, one
-writer task, pipelined PUBLISH commands, replies matched in order).
+Guarantee: **at-most-once**, **FIFO per publisher** (one connection and one writer task send
+pipelined PUBLISH commands in ``publish_nowait`` call order). Lost during an outage:
 
-What is lost during an outage, and how you learn about it:
+- while the publishing link is down, ``publish_nowait`` fails at once (no buffering while
+  down); messages queued or in flight when it breaks fail with ``BrokerUnavailable`` (such a
+  message may have reached the server, but no future resolves for a dropped message);
+- while the subscribing link is down, messages published on its channels are lost for this
+  node (pub/sub keeps no history). It reconnects with jittered backoff and resubscribes every
+  remembered channel; ``on_state(True)`` fires once all of them are confirmed.
 
-- While the publishing link is down, ``publish_nowait`` fails at once with
-  ``BrokerUnavailable`` (nothing is buffered while down). Messages queued or in flight when
-  the link breaks fail with ``BrokerUnavailable``; such a message may still have reached the
-  server (the reply was lost), but a future never resolves for a message that was dropped.
-- While the subscribing link is down, messages published by others on its channels are lost
-  for this node (Redis pub/sub keeps no history). The link is re-established with jittered
-  backoff and every remembered channel is subscribed again; ``on_state(True)`` fires only
-  once all of them are confirmed.
-- A half-dead TCP link is found by PING after ~1 s of silence (declared dead ~3 s later).
-
-Every transition is logged on ``wscluster.broker`` ("broker lost: ...", "broker back after
-X s") and reported through ``on_state``. Payloads are never logged. The redis-py ``PubSub``
-class is not used: this module owns its reader loop and its resubscription.
+A silent link is PINGed after 1 s and declared dead 3 s later (half-dead TCP). Transitions
+are logged on ``wscluster.broker`` ("broker lost: ...", "broker back after X s"), payloads
+never. redis-py's ``PubSub`` is not used: this module owns its reader and resubscription.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import ResponseError
@@ -48,19 +42,11 @@ PING_TIMEOUT = 3.0  # seconds to wait for the answer before declaring the link d
 _Item = tuple[str, bytes, asyncio.Future[None]]
 
 
-class _Confirm:
+class _Confirm(NamedTuple):
     """One expected (un)subscribe confirmation for a channel, and who waits for it."""
 
-    __slots__ = ("initial", "waiters")
-
-    def __init__(self, waiters: list[asyncio.Future[None]], initial: bool = False) -> None:
-        self.waiters = waiters
-        self.initial = initial
-
-
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+    waiters: list[asyncio.Future[None]]
+    initial: bool = False  # part of the resubscription after a (re)connect
 
 
 def _resolve(futures: Iterable[asyncio.Future[None]]) -> None:
@@ -144,11 +130,8 @@ class RedisBroker:
                 await self._up.wait()
         except TimeoutError:
             self._down_since = asyncio.get_running_loop().time() - self._connect_timeout
-            log.warning(
-                "broker lost: %s not reachable within %.1f s, retrying in the background",
-                self._where,
-                self._connect_timeout,
-            )
+            msg = "broker lost: %s not reachable within %.1f s, retrying in the background"
+            log.warning(msg, self._where, self._connect_timeout)
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -173,25 +156,17 @@ class RedisBroker:
         if not todo:
             return
         self._desired.update(todo)
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[None]] = [loop.create_future() for _ in todo]
         conn = self._sub_conn
         if conn is not None and conn.is_connected:
-            for ch, fut in zip(todo, futs, strict=True):
-                self._confirm.setdefault((True, ch), deque()).append(_Confirm([fut]))
-            await self._send_batched(conn, "SUBSCRIBE", todo)
+            futs = await self._request(conn, True, todo)
         else:  # resolved by the resubscription after the next (re)connect
+            futs = [asyncio.get_running_loop().create_future() for _ in todo]
             for ch, fut in zip(todo, futs, strict=True):
                 waiting = self._orphans.setdefault(ch, [])
                 waiting[:] = [f for f in waiting if not f.done()]
                 waiting.append(fut)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await asyncio.gather(*futs)
-        except TimeoutError:
-            raise BrokerUnavailable(
-                f"subscription not confirmed within {self._connect_timeout} s"
-            ) from None
+        if not await self._all_within_timeout(futs):
+            raise BrokerUnavailable(f"subscription not confirmed in {self._connect_timeout} s")
 
     async def unsubscribe(self, channels: Sequence[str]) -> None:
         todo = [ch for ch in dict.fromkeys(channels) if ch in self._desired]
@@ -203,16 +178,8 @@ class RedisBroker:
         conn = self._sub_conn
         if self._closing or conn is None or not conn.is_connected:
             return  # nothing to undo: the next resubscription leaves these channels out
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[None]] = [loop.create_future() for _ in todo]
-        for ch, fut in zip(todo, futs, strict=True):
-            self._confirm.setdefault((False, ch), deque()).append(_Confirm([fut]))
-        await self._send_batched(conn, "UNSUBSCRIBE", todo)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await asyncio.gather(*futs)
-        except TimeoutError:
-            pass  # the link is in trouble; delivery is already filtered by the desired set
+        # On timeout the link is in trouble: delivery is already filtered by the desired set.
+        await self._all_within_timeout(await self._request(conn, False, todo))
 
     async def close(self) -> None:
         if self._closing:
@@ -289,11 +256,9 @@ class RedisBroker:
                 self._update_state()
                 await self._pub_serve(conn)
             except Exception as exc:
-                reason = _describe(exc)
                 self._pub_up = False
-                self._fail_publishes(f"broker connection lost: {reason}")
-                self._update_state(reason)
-                log.debug("publish link: %s", reason)
+                self._fail_publishes(f"broker connection lost: {_describe(exc)}")
+                self._update_state(_describe(exc))
             finally:
                 await self._drop(conn)
             await asyncio.sleep(backoff.next())
@@ -323,24 +288,44 @@ class RedisBroker:
             await conn.send_packed_command(packed, check_health=False)
             async with asyncio.timeout(self._publish_timeout):  # for the whole batch
                 while inflight:
-                    error: BrokerUnavailable | None = None
                     try:
                         await conn.read_response(timeout=math.inf)
-                    except ResponseError as exc:
+                        error = None
+                    except ResponseError as exc:  # refused by the server: this message only
                         error = BrokerUnavailable(f"publish refused: {exc}")
                     _, data, fut = inflight.popleft()
                     self._pending_bytes -= len(data)
                     if fut.done():
-                        pass
-                    elif error is None:
+                        continue
+                    if error is None:
                         fut.set_result(None)
                     else:
                         fut.set_exception(error)
 
     # --- subscribing -----------------------------------------------------------------
+    async def _request(
+        self, conn: AbstractConnection, is_sub: bool, chans: list[str]
+    ) -> list[asyncio.Future[None]]:
+        """(UN)SUBSCRIBE ``chans``; the futures resolve with the confirmations (in order)."""
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[None]] = [loop.create_future() for _ in chans]
+        for ch, fut in zip(chans, futs, strict=True):
+            self._confirm.setdefault((is_sub, ch), deque()).append(_Confirm([fut]))
+        await self._send_batched(conn, "SUBSCRIBE" if is_sub else "UNSUBSCRIBE", chans)
+        return futs
+
+    async def _all_within_timeout(self, futs: list[asyncio.Future[None]]) -> bool:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.gather(*futs)
+        except TimeoutError:
+            return False
+        return True
+
     async def _send_batched(self, conn: AbstractConnection, cmd: str, chans: list[str]) -> None:
         """Send every command in one write; the reader notices a broken link by itself."""
-        packed = conn.pack_commands([(cmd, *chunk) for chunk in _chunks(chans, SUBSCRIBE_BATCH)])
+        n = SUBSCRIBE_BATCH
+        packed = conn.pack_commands([(cmd, *chans[i : i + n]) for i in range(0, len(chans), n)])
         try:
             await conn.send_packed_command(packed, check_health=False)
         except Exception as exc:
@@ -357,12 +342,10 @@ class RedisBroker:
                 await self._resubscribe(conn)
                 await self._sub_read(conn)
             except Exception as exc:
-                reason = _describe(exc)
                 self._sub_lost()
                 self._pub_check = True  # the publishing link probably broke too: look now
                 self._wakeup.set()
-                self._update_state(reason)
-                log.debug("subscribe link: %s", reason)
+                self._update_state(_describe(exc))
             finally:
                 self._sub_lost()
                 await self._drop(conn)
@@ -396,24 +379,31 @@ class RedisBroker:
         self._confirm.clear()
 
     async def _sub_read(self, conn: AbstractConnection) -> None:
+        """Read until the link fails. One timer per silence, not one per message: when it
+        fires, a PING is sent if nothing was heard for PING_AFTER seconds."""
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
         while True:
-            idle = loop.time() - heard
-            if not pinged and idle >= PING_AFTER:
+            deadline = heard + (PING_AFTER + PING_TIMEOUT if pinged else PING_AFTER)
+            if loop.time() >= deadline:
+                if pinged:
+                    raise ConnectionError(f"no answer to PING within {PING_TIMEOUT} s")
                 await conn.send_command("PING", check_health=False)
                 pinged = True
-            limit = PING_AFTER + PING_TIMEOUT if pinged else PING_AFTER
-            if idle >= limit:
-                raise ConnectionError(f"no answer to PING within {PING_TIMEOUT} s")
-            reply = await conn.read_response(timeout=max(limit - idle, 0.001))
-            if reply is None:
                 continue
-            heard = loop.time()
-            pinged = False
-            if isinstance(reply, list) and len(reply) >= 2:
-                self._dispatch(reply)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while True:
+                        reply = await conn.read_response(
+                            timeout=math.inf, disconnect_on_error=False
+                        )
+                        heard = loop.time()
+                        pinged = False
+                        if isinstance(reply, list) and len(reply) >= 2:
+                            self._dispatch(reply)
+            except TimeoutError:
+                continue  # recompute: maybe something was heard meanwhile
 
     def _dispatch(self, reply: list[Any]) -> None:
         kind = reply[0]

@@ -54,7 +54,8 @@ _HUBS: dict[tuple[str, str], _State] = {}
 class MemoryPresence:
     """The ``Presence`` role in process memory, shared by instances of the same hub."""
 
-    def __init__(self, names: Names, hub: str = "default") -> None:
+    def __init__(self, names: Names, hub: str = "default", *, timeout: float = 5.0) -> None:
+        """``timeout`` is accepted, and unused, so that any presence takes the same options."""
         self.names = names
         self.hub = hub
         self._key = (hub, names.ns)

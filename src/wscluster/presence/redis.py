@@ -108,7 +108,8 @@ class _Op:
     node_id: str
     fut: asyncio.Future[Any]
     cmds: list[Cmd] = field(default_factory=list)
-    run: Callable[[], Awaitable[Any]] | None = None  # exclusive op, run alone in order
+    run: Callable[[int], Awaitable[Any]] | None = None  # exclusive op: run(seq), alone
+    seq: int = 0  # enqueue order
 
 
 def _unavailable(exc: BaseException) -> PresenceUnavailable:
@@ -130,7 +131,8 @@ class RedisPresence:
         self._queue: deque[_Op] = deque()
         self._wake = asyncio.Event()
         self._local: dict[str, dict[str, _Local]] = {}  # node -> cid -> uid and groups
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, int] = {}  # node -> seq of its last failed write
+        self._seq = 0
 
     def _client(self, socket_timeout: float | None) -> Redis:
         return Redis.from_url(
@@ -161,30 +163,31 @@ class RedisPresence:
 
     # --- the writer -------------------------------------------------------------------
     async def _submit(self, node_id: str, cmds: list[Cmd] | None = None,
-                      run: Callable[[], Awaitable[Any]] | None = None, size: int = 0) -> Any:
+                      run: Callable[[int], Awaitable[Any]] | None = None, size: int = 0) -> Any:
         if self._task is None:
             raise PresenceUnavailable("RedisPresence is not started")
-        op = _Op(node_id, asyncio.get_running_loop().create_future(), cmds or [], run)
+        self._seq += 1
+        op = _Op(node_id, asyncio.get_running_loop().create_future(), cmds or [], run, self._seq)
         self._queue.append(op)
         self._wake.set()
         try:  # exclusive ops (run) take several round trips, more with more connections
             return await asyncio.wait_for(op.fut, self.timeout * (3 + size / 5000 if run else 1))
         except TimeoutError:
-            self._mark_dirty(node_id)
+            self._mark_dirty(op)
             raise PresenceUnavailable("presence store did not answer in time") from None
         except asyncio.CancelledError:
-            self._mark_dirty(node_id)
+            self._mark_dirty(op)
             raise
 
-    def _mark_dirty(self, node_id: str) -> None:
-        if node_id not in self._dirty:
-            log.warning("presence of node %s may be stale: it will resync", node_id)
-            self._dirty.add(node_id)
+    def _mark_dirty(self, op: _Op) -> None:
+        if op.node_id not in self._dirty:
+            log.warning("presence of node %s may be stale: it will resync", op.node_id)
+        self._dirty[op.node_id] = max(op.seq, self._dirty.get(op.node_id, 0))
 
     def _fail(self, op: _Op, exc: BaseException) -> None:
-        self._mark_dirty(op.node_id)
+        self._mark_dirty(op)
         if not isinstance(exc, _ERRORS):
-            log.error("presence write failed", exc_info=exc)
+            log.error("presence write failed: %r", exc)
         if not op.fut.done():
             op.fut.set_exception(_unavailable(exc))
 
@@ -203,13 +206,13 @@ class RedisPresence:
                     ncmds += len(op.cmds)
             if batch:
                 await self._flush(batch)
-                continue
-            op = self._queue.popleft()
-            if op.run is not None and not op.fut.done():
+            elif self._queue and (op := self._queue.popleft()).run and not op.fut.done():
                 try:
-                    result = await op.run()
-                except Exception as exc:
+                    result = await op.run(op.seq)
+                except BaseException as exc:  # a cancelled writer (close) fails its op too
                     self._fail(op, exc)
+                    if not isinstance(exc, Exception):
+                        raise
                 else:
                     if not op.fut.done():
                         op.fut.set_result(result)
@@ -218,10 +221,12 @@ class RedisPresence:
         assert self._w is not None
         try:
             replies = await self._apply(self._w, [c for op in batch for c in op.cmds])
-        except Exception as exc:
+        except BaseException as exc:
             log.warning("presence write of %d ops failed: %r", len(batch), exc)
             for op in batch:
                 self._fail(op, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         assert replies is not None
         i = 0
@@ -337,7 +342,7 @@ class RedisPresence:
 
     async def resync(self, node_id: str, conns: Sequence[ConnInfo], ttl: float,
                      stats: dict[str, Any]) -> None:
-        async def run() -> None:
+        async def run(seq: int) -> None:
             assert self._w is not None
             n, new = self.names, {c.client_id: c for c in conns}
             # alive first: a purger's guarded scripts leave this node alone from here on
@@ -356,23 +361,26 @@ class RedisPresence:
             replies = await self._apply(self._w, cmds)
             if replies and (error := next((r for r in replies if isinstance(r, str)), None)):
                 raise ResponseError(error)
-            self._local[node_id] = {c.client_id: _Local(c.uid, set(c.groups)) for c in conns}
-            self._dirty.discard(node_id)
+            if self._dirty.get(node_id, seq) < seq:  # later failures still need a resync
+                del self._dirty[node_id]
             log.info("resynced node %s: %d connections", node_id, len(conns))
 
+        # the local copy changes in call order, like the queue
+        self._local[node_id] = {c.client_id: _Local(c.uid, set(c.groups)) for c in conns}
         await self._submit(node_id, run=run, size=len(conns))
 
     async def remove_node(self, node_id: str) -> None:
-        async def run() -> None:
+        async def run(seq: int) -> None:
             assert self._w is not None
             n = self.names
             await self._execute(self._w, [("DEL", n.alive_key(node_id)),
                                           ("ZREM", n.nodes_key(), node_id)])
             await self._drop_node(self._w, node_id)
-            self._local.pop(node_id, None)
-            self._dirty.discard(node_id)
+            if self._dirty.get(node_id, seq) < seq:
+                del self._dirty[node_id]
 
-        await self._submit(node_id, run=run, size=len(self._local.get(node_id, ())))
+        size = len(self._local.pop(node_id, ()))
+        await self._submit(node_id, run=run, size=size)
 
     # --- purge ------------------------------------------------------------------------
     async def _read_node(self, client: Redis, node_id: str) -> list[ConnInfo]:
