@@ -14,10 +14,8 @@ from picows import (
     ws_create_server,
 )
 
-from wscluster.client import (
-    Client,
-    ConnectionClosed,
-    HandshakeRefused,
+from wscluster.client import Client, ConnectionClosed, HandshakeRefused
+from wscluster.client.protocol import (
     Pending,
     PushQueue,
     decode_frame,
