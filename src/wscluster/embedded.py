@@ -3,16 +3,29 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 
+_PR_SET_PDEATHSIG = 1
+
 
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec (Linux): SIGTERM it when its parent dies, so no process
+    is orphaned even if the parent is killed with SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,8 +93,9 @@ class EmbeddedRedis:
             "--maxclients", "10000",
         ]  # fmt: skip
         self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -4,7 +4,6 @@ stopped as a whole with Ctrl-C."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import signal
 import subprocess
@@ -12,19 +11,9 @@ import sys
 import time
 import urllib.request
 
-from .embedded import EmbeddedRedis, EmbeddedRedisError
+from .embedded import EmbeddedRedis, EmbeddedRedisError, die_with_parent
 
 log = logging.getLogger("wscluster.up")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: get SIGTERM if `wscluster up` dies (no orphans)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
@@ -71,19 +60,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "--broker", broker, "--namespace", args.namespace,
                 "--node-name", f"node{i}", "--log-level", args.log_level,
             ]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+            procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent))
         for i, proc in enumerate(procs, 1):
             health = f"http://{args.host}:{args.base_port + i}/healthz"
             if not _wait_healthy(health, proc, 15):
                 print(f"wscluster up: node {i} did not become healthy", file=sys.stderr)
                 return 1
         _banner(args, broker)
-        while not stopping and all(p.poll() is None for p in procs):
+        reported: set[int] = set()
+        while not stopping and any(p.poll() is None for p in procs):
+            for i, proc in enumerate(procs, 1):
+                if proc.poll() is not None and i not in reported:
+                    reported.add(i)
+                    print(f"wscluster up: node{i} exited with {proc.returncode}; "
+                          "the others keep serving", file=sys.stderr)  # fmt: skip
             time.sleep(0.2)
-        if not stopping:
-            print("wscluster up: a node exited; stopping the cluster", file=sys.stderr)
-            return 1
-        return 0
+        return 0 if stopping else 1
     finally:
         for proc in procs:
             if proc.poll() is None:
