@@ -252,7 +252,7 @@ class Load:
 class Nodes:
     """A private valkey and `n` node processes, or nothing when URLs are given."""
 
-    def __init__(self, n: int, max_connections: int) -> None:
+    def __init__(self, n: int, max_connections: int, extra: list[str] | None = None) -> None:
         from wscluster.embedded import EmbeddedRedis, free_port
 
         self.redis = EmbeddedRedis()
@@ -266,7 +266,7 @@ class Nodes:
                    "--port", str(port), "--api-port", str(free_port()), "--anonymous",
                    "--broker", self.redis.url, "--namespace", self.namespace,
                    "--node-name", f"bench{i}", "--max-connections", str(max_connections),
-                   "--log-level", "warning"]  # fmt: skip
+                   "--log-level", "warning", *(extra or [])]  # fmt: skip
             with open(self.logdir / f"node{i}.log", "ab") as log:
                 self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
         for i, port in enumerate(self.ports):
@@ -482,6 +482,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=32, help="sends in flight when flat out")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections to node 0")
     ap.add_argument("--load-procs", type=int, default=2)
+    ap.add_argument("--node-args", default="", help="extra `serve` options, space-separated")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.duration, args.flat, args.idle = 200, 3.0, 2.0, 1000
@@ -492,7 +493,8 @@ def main() -> None:
     if args.ws_urls:
         urls, pid = args.ws_urls.split(","), args.node_pid
     else:
-        nodes = Nodes(3, max_connections=max(args.idle, args.clients) + 1000)
+        nodes = Nodes(3, max_connections=max(args.idle, args.clients) + 1000,
+                      extra=args.node_args.split())  # fmt: skip
         urls, pid = nodes.ws_urls, nodes.pids[0]
     results = []
     try:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "node-heartbeat", d.node_heartbeat, float)
     _add(s, "node-ttl", d.node_ttl, float)
     _add(s, "drain-timeout", d.drain_timeout, float)
+    _add(s, "transport", "asyncio", choices=["asyncio", "aiofastnet"],
+         help="socket transport of the public port (measured: see docs/performance.md)")
     _add(s, "log-level", "INFO")
 
     u = sub.add_parser("up", help="start a local cluster: a broker and N nodes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -32,7 +33,7 @@ class NodeConfig:
     drain_timeout: float = 10.0
     drain_batch: int = 500  # connections closed with 1012 per drain step
     request_timeout: float = 5.0  # broker/presence waits behind an ack
-    use_aiofastnet: bool = False
+    transport: str = "asyncio"  # or "aiofastnet"
 
     @property
     def effective_api_port(self) -> int:
@@ -52,6 +53,10 @@ class NodeConfig:
             raise ValueError("--node-ttl must be larger than --node-heartbeat")
         if self.max_message_size > self.max_frame_size:
             raise ValueError("--max-message-size must not exceed --max-frame-size")
+        if self.transport not in ("asyncio", "aiofastnet"):
+            raise ValueError("--transport must be asyncio or aiofastnet")
+        if self.transport == "aiofastnet" and importlib.util.find_spec("aiofastnet") is None:
+            raise ValueError("--transport aiofastnet needs the package: pip install aiofastnet")
         for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+from picows import WSMsgType
+
 from . import envelope, frames
 from .broker import create_broker
 from .config import NodeConfig
@@ -282,7 +284,8 @@ class Node:
             log.warning("dropped an undecodable broker message on %s: %s", channel, exc)
             return
         if env.op == envelope.Op.DELIVER:
-            self._deliver(address, env.payload, env.exclude)
+            kind = WSMsgType.BINARY if env.binary else WSMsgType.TEXT
+            self._deliver(address, env.payload, env.exclude, kind)
         elif env.op == envelope.Op.PRESENCE:
             watchers = self._watchers.get(address.name, ())
             for cid in list(watchers):
@@ -295,17 +298,19 @@ class Node:
         else:
             self.metrics.bad_envelopes.inc()
 
-    def _deliver(self, address: Address, payload: bytes, exclude: tuple[str, ...]) -> None:
+    def _deliver(
+        self, address: Address, payload: bytes, exclude: tuple[str, ...], kind: WSMsgType
+    ) -> None:
         n = 0
         if exclude:
             skip = set(exclude)
             for cid, conn in self.registry.receivers(address):
                 if cid not in skip:
-                    conn.push(payload)
+                    conn.push(payload, kind)
                     n += 1
         else:
             for _, conn in self.registry.receivers(address):
-                conn.push(payload)
+                conn.push(payload, kind)
                 n += 1
         if n:
             self.metrics.deliveries.inc(n)

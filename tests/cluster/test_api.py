@@ -37,6 +37,8 @@ async def test_cluster_api(cluster: Nodes, unique: str) -> None:
         await a2.nothing()
         await api.send_verbatim(f"client:{anon.client_id}", b'{"custom": true}')
         assert await anon.next() == {"custom": True}
+        await api.send_verbatim(f"client:{anon.client_id}", b"\x00\x01", binary=True)
+        assert await anon.conn.recv() == b"\x00\x01"
         with pytest.raises(ProtocolError) as info:
             await api.send("nowhere", 1)
         assert info.value.code is Code.BAD_REQUEST

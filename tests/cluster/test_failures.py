@@ -33,6 +33,28 @@ async def _stats(api: str) -> dict[str, object]:
         return await r.json()  # type: ignore[no-any-return]
 
 
+async def _raw_ws(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A handshake by hand: the socket then does only what the test makes it do."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await reader.readexactly(2)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return b0 & 0x0F, await reader.readexactly(size)
+
+
 async def test_killed_node_is_purged_within_15s(valkey: EmbeddedRedis, make_cluster: MakeCluster,
                                                 unique: str) -> None:  # fmt: skip
     c = make_cluster(valkey.url)  # default heartbeat 2 s, TTL 10 s
@@ -124,12 +146,7 @@ async def test_slow_consumer_closed_1013_others_unaffected(
     c = make_cluster(valkey.url, 2, ["--max-outbox", "262144"])
     g = f"g{unique}"
     # the slow one: a raw socket that completes the handshake and never reads again
-    reader, writer = await asyncio.open_connection("127.0.0.1", c.nodes[0].port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await _raw_ws(c.nodes[0].port)
     frame = json.dumps({"type": "join", "group": g}).encode()
     mask = b"\x00\x00\x00\x00"
     writer.write(bytes([0x81, 0x80 | len(frame)]) + mask + frame)
@@ -225,3 +242,40 @@ async def test_repeated_abuse_closes_1008(cluster: Cluster) -> None:
         while True:
             await ws.next(10)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+
+
+async def test_unanswered_pings_drop_the_client(
+    valkey: EmbeddedRedis, make_cluster: MakeCluster
+) -> None:
+    c = make_cluster(valkey.url, 1, ["--ping-interval", "1"])
+    reader, writer = await _raw_ws(c.nodes[0].port)
+    opcodes: list[int] = []
+    t0 = time.monotonic()
+    async with asyncio.timeout(6):
+        while True:
+            opcode, payload = await _read_frame(reader)
+            opcodes.append(opcode)
+            if opcode == 0x8:  # close
+                assert int.from_bytes(payload[:2], "big") == 1001
+                break
+    elapsed = time.monotonic() - t0
+    assert opcodes[0] == 0x1  # welcome (text)
+    assert 0x9 in opcodes  # the server pinged, we never answered
+    assert 1.5 < elapsed < 4, elapsed  # dropped after about two intervals
+    assert await reader.read() == b""  # and the TCP link is gone
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def test_logs_never_contain_bodies(cluster: Cluster, unique: str) -> None:
+    secret = f"SECRET-{unique}"
+    ws = await WS.open(cluster.ws_urls[0], f"l{unique}")
+    await ws.ok({"type": "send", "to": f"uid:l{unique}", "data": secret})
+    await ws.send_raw('{"type": "send", "to": "x", "data": "%s"}' % secret)
+    await ws.send_raw("{" + secret)
+    await ws.next(type="error")
+    await ws.next(type="error")
+    await asyncio.sleep(0.2)
+    for node in cluster.nodes:
+        assert secret not in node.log()

@@ -115,11 +115,11 @@ class Connection(WSListener):
         self.host.on_text(self, payload)
 
     # --- outbound --------------------------------------------------------------------
-    def push(self, payload: bytes) -> None:
-        """Write one text frame (already encoded). Closes a client that stopped reading."""
+    def push(self, payload: bytes, kind: WSMsgType = WSMsgType.TEXT) -> None:
+        """Write one frame (already encoded). Closes a client that stopped reading."""
         if self.closing or self.transport is None:
             return
-        self.transport.send(WSMsgType.TEXT, payload)
+        self.transport.send(kind, payload)
         if self.congested:
             buffered = self.transport.underlying_transport.get_write_buffer_size()
             if buffered > self.host.config.max_outbox:

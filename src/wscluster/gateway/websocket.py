@@ -83,7 +83,7 @@ class PublicServer:
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
             max_frame_size=cfg.max_frame_size,
             read_buffer_init_size=_READ_BUFFER,
-            use_aiofastnet=cfg.use_aiofastnet,
+            use_aiofastnet=cfg.transport == "aiofastnet",
             reuse_address=True,
             backlog=4096,
         )

@@ -1,0 +1,69 @@
+"""Several nodes in one process over the in-memory broker and presence: the fast path for
+application tests, and a check that the node only depends on the Broker/Presence roles."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import websockets
+
+from wscluster import Cluster
+from wscluster.config import NodeConfig
+from wscluster.embedded import free_port
+from wscluster.node import Node
+
+from ..cluster.wsclient import WS, close_all
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[Node]]:
+    hub = f"memory://{uuid.uuid4().hex[:8]}"
+    made = []
+    for _ in range(2):
+        cfg = NodeConfig(host="127.0.0.1", port=free_port(), api_port=free_port(), broker=hub,
+                         anonymous=True, node_heartbeat=0.2, node_ttl=1.0)  # fmt: skip
+        node = Node(cfg)
+        await node.start()
+        made.append(node)
+    yield made
+    await close_all()
+    for node in made:
+        if not node.draining:
+            await node.stop()
+
+
+def url(node: Node) -> str:
+    return f"ws://127.0.0.1:{node.config.port}/ws"
+
+
+async def test_two_nodes_in_one_process(nodes: list[Node]) -> None:
+    a = await WS.open(url(nodes[0]), "alice")
+    b = await WS.open(url(nodes[1]), "bob")
+    await b.ok({"type": "join", "group": "g"})
+    await a.ok({"type": "send", "to": "uid:bob", "data": 1})
+    assert (await b.next(type="message"))["data"] == 1
+    await a.ok({"type": "send", "to": "group:g", "data": 2})
+    assert (await b.next(type="message"))["data"] == 2
+    assert (await a.ok({"type": "presence", "to": "group:g"}))["uids"] == ["bob"]
+    api = Cluster.attach(nodes[0].broker, nodes[0].presence, nodes[0].names, 65536)
+    await api.send(f"client:{b.client_id}", "direct")
+    assert (await b.next(type="message"))["data"] == "direct"
+    assert await api.is_online("alice")
+
+
+async def test_drain_in_process(nodes: list[Node]) -> None:
+    a = await WS.open(url(nodes[0]), "alice")
+    nodes[0].config.drain_timeout = 1.0
+    await nodes[0].drain()
+    assert len(nodes[0].registry) == 0
+    assert await _closed_code(a) == 1012
+    other = await WS.open(url(nodes[1]))
+    assert (await other.ok({"type": "presence", "to": "uid:alice"}))["online"] is False
+
+
+async def _closed_code(ws: WS) -> int | None:
+    with pytest.raises(websockets.ConnectionClosed):
+        await ws.next(2)
+    return ws.conn.close_code
