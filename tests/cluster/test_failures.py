@@ -146,7 +146,7 @@ async def test_slow_consumer_closed_1013_others_unaffected(
     c = make_cluster(valkey.url, 2, ["--max-outbox", "262144"])
     g = f"g{unique}"
     # the slow one: a raw socket that completes the handshake and never reads again
-    reader, writer = await _raw_ws(c.nodes[0].port)
+    _, writer = await _raw_ws(c.nodes[0].port)
     frame = json.dumps({"type": "join", "group": g}).encode()
     mask = b"\x00\x00\x00\x00"
     writer.write(bytes([0x81, 0x80 | len(frame)]) + mask + frame)
@@ -272,7 +272,7 @@ async def test_logs_never_contain_bodies(cluster: Cluster, unique: str) -> None:
     secret = f"SECRET-{unique}"
     ws = await WS.open(cluster.ws_urls[0], f"l{unique}")
     await ws.ok({"type": "send", "to": f"uid:l{unique}", "data": secret})
-    await ws.send_raw('{"type": "send", "to": "x", "data": "%s"}' % secret)
+    await ws.send_raw(json.dumps({"type": "send", "to": "x", "data": secret}))
     await ws.send_raw("{" + secret)
     await ws.next(type="error")
     await ws.next(type="error")
