@@ -24,14 +24,19 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def valkey() -> Iterator[EmbeddedRedis]:
-    """A private valkey-server for the whole session (do not restart it: see `own_valkey`)."""
+def _started() -> EmbeddedRedis:
     server = EmbeddedRedis()
     try:
         server.start()
     except EmbeddedRedisError as exc:
         skip_or_fail(f"cannot start valkey-server: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def valkey() -> Iterator[EmbeddedRedis]:
+    """A private valkey-server for the whole session (do not restart it: see `own_valkey`)."""
+    server = _started()
     yield server
     server.cleanup()
 
@@ -39,11 +44,7 @@ def valkey() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def own_valkey() -> Iterator[EmbeddedRedis]:
     """A private valkey-server for one test, which the test may kill and restart."""
-    server = EmbeddedRedis()
-    try:
-        server.start()
-    except EmbeddedRedisError as exc:
-        skip_or_fail(f"cannot start valkey-server: {exc}")
+    server = _started()
     yield server
     server.cleanup()
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from . import envelope, frames
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
+from .registry import Entry
 from .routing import Kind, channel_for
 
 if TYPE_CHECKING:
@@ -60,8 +61,7 @@ class Handlers:
 
     def send(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
-        entry = node.registry.get(conn.cid)
-        uid = entry.uid if entry else None
+        uid = self._entry(conn).uid
         if uid is None:
             raise ProtocolError(Code.NOT_LOGGED_IN, "login before sending")
         address = cmd.address
@@ -95,8 +95,7 @@ class Handlers:
             raise ProtocolError(Code.FORBIDDEN, "login with a uid needs anonymous mode")
         uid = cmd.name
         assert uid is not None
-        entry = node.registry.get(conn.cid)
-        assert entry is not None
+        entry = self._entry(conn)
         old = entry.uid
         if old == uid:
             conn.ack(cmd.id, uid=uid)
@@ -110,8 +109,7 @@ class Handlers:
 
     def logout(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
-        entry = node.registry.get(conn.cid)
-        assert entry is not None
+        entry = self._entry(conn)
         old = entry.uid
         if old is None:
             conn.ack(cmd.id)
@@ -124,8 +122,7 @@ class Handlers:
         node = self.node
         group = cmd.name
         assert group is not None
-        entry = node.registry.get(conn.cid)
-        assert entry is not None
+        entry = self._entry(conn)
         if group in entry.groups:
             if cmd.raw.presence:
                 node.watch_presence(conn.cid, group)
@@ -152,8 +149,7 @@ class Handlers:
         node = self.node
         group = cmd.name
         assert group is not None
-        entry = node.registry.get(conn.cid)
-        assert entry is not None
+        entry = self._entry(conn)
         if group not in entry.groups:
             conn.ack(cmd.id)
             return
@@ -183,6 +179,11 @@ class Handlers:
         self.node.spawn(run())
 
     # --- helpers ---------------------------------------------------------------------
+    def _entry(self, conn: Connection) -> Entry[Connection]:
+        entry = self.node.registry.get(conn.cid)
+        assert entry is not None  # frames only arrive on open connections
+        return entry
+
     def _leave(self, conn: Connection, group: str, *, event: bool) -> None:
         node = self.node
         entry = node.registry.get(conn.cid)

@@ -1,0 +1,87 @@
+"""`wscluster up` as the README runs it: embedded broker, nodes, banner, Ctrl-C, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from .wsclient import WS
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of pid (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_up_starts_a_cluster_and_ctrl_c_stops_everything() -> None:
+    base = random.randrange(20000, 40000, 10)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 30
+        while "Ctrl-C" not in banner:
+            assert time.monotonic() < deadline and proc.poll() is None, banner
+            banner += await asyncio.to_thread(proc.stdout.readline)
+        urls = re.findall(r"ws://127\.0\.0\.1:\d+/ws", banner)
+        assert urls[:2] == [f"ws://127.0.0.1:{base + 1}/ws", f"ws://127.0.0.1:{base + 2}/ws"]
+        send_cmd = re.search(r"wscluster send --broker (\S+)", banner)
+        assert send_cmd is not None and "wscluster status --broker" in banner
+        a = await WS.open(urls[0], "alice")
+        b = await WS.open(urls[1], "bob")
+        await b.ok({"type": "send", "to": "uid:alice", "data": "across"})
+        assert (await a.next(type="message"))["data"] == "across"
+        sent = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "wscluster", "send", "--broker", send_cmd.group(1),
+             "--to", "uid:alice", '{"text": "hi"}'],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert sent.returncode == 0
+        assert (await a.next(type="message"))["data"] == {"text": "hi"}
+        await a.close()
+        await b.close()
+        family = _children(proc.pid)
+        assert len(family) >= 3  # valkey + 2 nodes
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in family):
+            assert time.monotonic() < deadline, "processes left behind by `up`"
+            await asyncio.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
