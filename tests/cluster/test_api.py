@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+import aiohttp
 import pytest
 
 from wscluster import Cluster, SyncCluster
+from wscluster.embedded import EmbeddedRedis
 from wscluster.errors import Code, ProtocolError
 
 from .conftest import Cluster as Nodes
@@ -64,3 +67,23 @@ async def test_sync_cluster(cluster: Nodes, unique: str) -> None:
     assert online and count >= 1
     assert (await ws.next(type="message"))["data"] == "from django"
     await ws.close()
+
+
+async def test_api_key_guards_the_http_api(
+    valkey: EmbeddedRedis, make_cluster: Callable[..., Nodes]
+) -> None:
+    c = make_cluster(valkey.url, 1, ["--api-key", "s3cret"])
+    api = c.api_urls[0]
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            async with http.post(f"{api}/api/send", json={"to": "all", "data": 1},
+                                 headers=headers) as r:  # fmt: skip
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "forbidden"
+            async with http.get(f"{api}/api/stats", headers=headers) as r:
+                assert r.status == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        async with http.post(f"{api}/api/send", json={"to": "all", "data": 1}, headers=ok) as r:
+            assert r.status == 200
+        async with http.get(f"{api}/healthz") as r:  # health and metrics stay open
+            assert r.status == 200
