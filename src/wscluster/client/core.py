@@ -17,108 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-from picows import (
-    WSCloseCode,
-    WSError,
-    WSFrame,
-    WSHandshakeError,
-    WSListener,
-    WSMsgType,
-    WSTransport,
-    ws_connect,
-)
+from picows import WSError, WSHandshakeError, ws_connect
 
 from ..backoff import Backoff
+from .link import Link
 from .protocol import (
     RETRY_STATUSES,
-    TERMINAL_STATUSES,
     ConnectionClosed,
     Frame,
     HandshakeRefused,
-    Pending,
     PushQueue,
     ServerError,
-    decode_frame,
-    is_terminal_close,
-    retry_hint,
-    route,
 )
+from .session import supervise
 
 log = logging.getLogger("wscluster.client")
-
-
-class _Link(WSListener):
-    """One WebSocket connection: picows callbacks, its welcome and its requests in flight."""
-
-    def __init__(self, client: Client) -> None:
-        super().__init__()
-        loop = asyncio.get_running_loop()
-        self.client = client
-        self.transport: WSTransport | None = None
-        self.welcome: asyncio.Future[Frame | None] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.pending = Pending()
-        self.close_code: int | None = None
-        self.close_reason = ""
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        try:
-            if frame.msg_type is WSMsgType.TEXT:
-                obj = decode_frame(frame.get_payload_as_memoryview())
-                if obj is None:
-                    log.warning("ignoring a text frame that is not a JSON object")
-                elif obj.get("type") == "welcome" and not self.welcome.done():
-                    self.welcome.set_result(obj)
-                else:
-                    route(obj, self.pending, self.client._queue, self.client._last_id)
-            elif frame.msg_type is WSMsgType.CLOSE:
-                close_code = frame.get_close_code()
-                self.close_code = int(close_code.value) or 1005  # 1005: no status code
-                self.close_reason = frame.get_close_reason() or ""
-                if not transport.is_close_frame_sent:
-                    transport.send_close(close_code)
-                transport.disconnect()
-        except Exception:  # a callback must never raise into picows
-            log.exception("error while handling a frame")
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.pending.fail_all(ConnectionClosed(self.close_code, self.close_reason))
-        if not self.welcome.done():
-            self.welcome.set_result(None)
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.client._link_lost(self)
-
-    def send(self, frame: Frame) -> None:
-        if self.transport is None or self.transport.is_disconnected or self.lost.done():
-            raise ConnectionClosed(self.close_code, self.close_reason or "not connected")
-        self.transport.send(WSMsgType.TEXT, msgspec.json.encode(frame))
-
-    async def shutdown(self, grace: float) -> None:
-        """Close politely (1000), then wait for the socket to be gone."""
-        transport = self.transport
-        if transport is None:
-            return
-        if not transport.is_disconnected:
-            if not transport.is_close_frame_sent:
-                transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
-        try:
-            await asyncio.wait_for(transport.wait_disconnected(), grace)
-        except TimeoutError:
-            transport.disconnect(graceful=False)
-        except Exception:  # a local failure picows re-raises; the socket is closed anyway
-            pass
 
 
 ReconnectCallback = Callable[["Client"], Awaitable[None] | None]
@@ -163,8 +81,8 @@ class Client:
         self._queue = PushQueue(max_queue)
         self._ids = itertools.count(1)
         self._last_id = 0
-        self._link: _Link | None = None
-        self._connecting: _Link | None = None
+        self._link: Link | None = None
+        self._connecting: Link | None = None
         self._ready = asyncio.Event()  # set while usable, and once finished (to wake waiters)
         self._finished: ConnectionClosed | None = None
         self._closing = False
@@ -213,7 +131,7 @@ class Client:
         except BaseException:
             await self.close()
             raise
-        self._supervisor = asyncio.create_task(self._supervise(link), name="wscluster-client")
+        self._supervisor = asyncio.create_task(supervise(self, link), name="wscluster-client")
         return welcome
 
     async def close(self) -> None:
@@ -330,7 +248,7 @@ class Client:
     def _handshake_timeout(self) -> float:
         return min(self.request_timeout, 10.0)
 
-    async def _request_on(self, link: _Link, frame: Frame, budget: float) -> Frame:
+    async def _request_on(self, link: Link, frame: Frame, budget: float) -> Frame:
         frame_id = next(self._ids)
         self._last_id = frame_id
         out = dict(frame)
@@ -346,9 +264,9 @@ class Client:
             raise ServerError(str(code), str(message or ""), reply.get("id"))
         return reply
 
-    async def _open_link(self) -> _Link:
+    async def _open_link(self) -> Link:
         """Connect and wait for ``welcome``; the link is not installed yet."""
-        link = _Link(self)
+        link = Link(self)
         headers = dict(self.headers)
         if self._token is not None:
             headers.setdefault("Authorization", f"Bearer {self._token}")
@@ -386,7 +304,7 @@ class Client:
             raise
         return link
 
-    def _install(self, link: _Link) -> Frame:
+    def _install(self, link: Link) -> Frame:
         welcome = link.welcome.result()
         assert welcome is not None
         self._connecting = None
@@ -398,7 +316,7 @@ class Client:
         self._ready.set()
         return welcome
 
-    def _link_lost(self, link: _Link) -> None:
+    def _link_lost(self, link: Link) -> None:
         if link is not self._link:
             return
         self.closed_code = link.close_code
@@ -411,105 +329,6 @@ class Client:
             self._finished = exc
             self._queue.close(exc)
             self._ready.set()  # wake waiting requests: they see _finished and raise
-
-    async def _supervise(self, link: _Link) -> None:
-        try:
-            await self._watch(link)
-        except Exception as exc:  # never leave waiters hanging on a dead supervisor
-            log.exception("wscluster client supervisor failed")
-            self._finish(ConnectionClosed(self.closed_code, f"reconnect failed: {exc!r}"))
-        finally:
-            if self._finished is None and not self._ready.is_set():
-                self._finish(ConnectionClosed(self.closed_code, "supervisor stopped"))
-
-    async def _watch(self, link: _Link) -> None:
-        """Wait for the link to drop; reconnect and restore the session, or finish."""
-        while True:
-            await link.lost
-            if link.transport is not None:
-                with contextlib.suppress(Exception):
-                    await link.transport.wait_disconnected()
-            if self._closing:
-                return
-            code, reason = link.close_code, link.close_reason
-            if not self.reconnect or is_terminal_close(code):
-                self._finish(ConnectionClosed(code, reason))
-                return
-            hint = retry_hint(reason) if code == 1012 else None
-            new_link = await self._reconnect(hint)
-            if new_link is None:
-                return
-            link = new_link
-            self.reconnects += 1
-            self.reconnected.set()
-            await self._call_on_reconnect()
-
-    async def _reconnect(self, hint: float | None) -> _Link | None:
-        backoff = Backoff(self.backoff_base, self.backoff_cap)
-        refusals = 0
-        while True:
-            delay = backoff.next() + (hint or 0.0)
-            hint = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if self._closing:
-                return None
-            try:
-                link = await self._open_link()
-            except HandshakeRefused as exc:
-                if exc.status in TERMINAL_STATUSES or refusals >= self.max_handshake_retries:
-                    self._finish(exc)
-                    return None
-                refusals += 1
-                continue
-            except (ConnectionClosed, TimeoutError) as exc:
-                log.debug("reconnect to %s failed: %s", self.url, exc)
-                continue
-            if self._closing:
-                await link.shutdown(1.0)
-                return None
-            try:
-                await self._restore(link)
-            except (ConnectionClosed, TimeoutError) as exc:
-                log.debug("session restore on %s failed: %s", self.url, exc)
-                await link.shutdown(1.0)
-                continue
-            except ServerError as exc:  # the server refuses our login now: give up
-                await link.shutdown(1.0)
-                self._finish(ConnectionClosed(None, f"cannot restore the session: {exc}"))
-                return None
-            if link.lost.done():
-                continue
-            self._install(link)
-            return link
-
-    async def _restore(self, link: _Link) -> None:
-        """Replay login, then every join, on a fresh link (before it is installed)."""
-        welcome = link.welcome.result() or {}
-        login = self._login
-        if login is not None and not ("token" in login and welcome.get("uid") is not None):
-            ack = await self._request_on(link, login, self.request_timeout)
-            self.uid = ack.get("uid", login.get("uid"))
-        for group, presence in list(self._groups.items()):
-            frame: Frame = {"type": "join", "group": group}
-            if presence:
-                frame["presence"] = True
-            try:
-                await self._request_on(link, frame, self.request_timeout)
-            except ServerError as exc:
-                log.warning("cannot re-join %r after reconnect: %s", group, exc)
-                self._groups.pop(group, None)
-
-    async def _call_on_reconnect(self) -> None:
-        callback = self.on_reconnect
-        if callback is None:
-            return
-        try:
-            result = callback(self)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("on_reconnect callback failed")
 
 
 async def connect(url: str, **kwargs: Any) -> Client:

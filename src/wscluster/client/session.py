@@ -1,0 +1,130 @@
+"""Reconnect and session restore of a ``Client`` (see ``core``): its supervisor task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from typing import TYPE_CHECKING
+
+from ..backoff import Backoff
+from .link import Link
+from .protocol import (
+    TERMINAL_STATUSES,
+    ConnectionClosed,
+    Frame,
+    HandshakeRefused,
+    ServerError,
+    is_terminal_close,
+    retry_hint,
+)
+
+if TYPE_CHECKING:
+    from .core import Client
+
+log = logging.getLogger("wscluster.client")
+
+
+async def supervise(client: Client, link: Link) -> None:
+    try:
+        await _watch(client, link)
+    except Exception as exc:  # never leave waiters hanging on a dead supervisor
+        log.exception("wscluster client supervisor failed")
+        client._finish(ConnectionClosed(client.closed_code, f"reconnect failed: {exc!r}"))
+    finally:
+        if client._finished is None and not client._ready.is_set():
+            client._finish(ConnectionClosed(client.closed_code, "supervisor stopped"))
+
+
+async def _watch(client: Client, link: Link) -> None:
+    """Wait for the link to drop; reconnect and restore the session, or finish."""
+    while True:
+        await link.lost
+        if link.transport is not None:
+            with contextlib.suppress(Exception):
+                await link.transport.wait_disconnected()
+        if client._closing:
+            return
+        code, reason = link.close_code, link.close_reason
+        if not client.reconnect or is_terminal_close(code):
+            client._finish(ConnectionClosed(code, reason))
+            return
+        hint = retry_hint(reason) if code == 1012 else None
+        new_link = await _reconnect(client, hint)
+        if new_link is None:
+            return
+        link = new_link
+        client.reconnects += 1
+        client.reconnected.set()
+        await _call_on_reconnect(client)
+
+
+async def _reconnect(client: Client, hint: float | None) -> Link | None:
+    backoff = Backoff(client.backoff_base, client.backoff_cap)
+    refusals = 0
+    while True:
+        delay = backoff.next() + (hint or 0.0)
+        hint = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client._stop.wait(), delay)
+        if client._closing:
+            return None
+        try:
+            link = await client._open_link()
+        except HandshakeRefused as exc:
+            if exc.status in TERMINAL_STATUSES or refusals >= client.max_handshake_retries:
+                client._finish(exc)
+                return None
+            refusals += 1
+            continue
+        except (ConnectionClosed, TimeoutError) as exc:
+            log.debug("reconnect to %s failed: %s", client.url, exc)
+            continue
+        if client._closing:
+            await link.shutdown(1.0)
+            return None
+        try:
+            await _restore(client, link)
+        except (ConnectionClosed, TimeoutError) as exc:
+            log.debug("session restore on %s failed: %s", client.url, exc)
+            await link.shutdown(1.0)
+            continue
+        except ServerError as exc:  # the server refuses our login now: give up
+            await link.shutdown(1.0)
+            client._finish(ConnectionClosed(None, f"cannot restore the session: {exc}"))
+            return None
+        if link.lost.done():
+            continue
+        client._install(link)
+        return link
+
+
+async def _restore(client: Client, link: Link) -> None:
+    """Replay login, then every join, on a fresh link (before it is installed)."""
+    welcome = link.welcome.result() or {}
+    login = client._login
+    if login is not None and not ("token" in login and welcome.get("uid") is not None):
+        ack = await client._request_on(link, login, client.request_timeout)
+        client.uid = ack.get("uid", login.get("uid"))
+    for group, presence in list(client._groups.items()):
+        frame: Frame = {"type": "join", "group": group}
+        if presence:
+            frame["presence"] = True
+        try:
+            await client._request_on(link, frame, client.request_timeout)
+        except ServerError as exc:
+            log.warning("cannot re-join %r after reconnect: %s", group, exc)
+            client._groups.pop(group, None)
+
+
+async def _call_on_reconnect(client: Client) -> None:
+    callback = client.on_reconnect
+    if callback is None:
+        return
+    try:
+        result = callback(client)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("on_reconnect callback failed")
