@@ -23,7 +23,7 @@ class NodeConfig:
     max_frame_size: int = 1024 * 1024
     max_outbox: int = 1024 * 1024  # bytes queued to one client before it is closed 1013
     max_groups_per_connection: int = 1000
-    max_inflight: int = 256  # sends awaiting the broker per connection before reading pauses
+    max_inflight: int = 256  # requests awaiting I/O per connection before reading pauses
     max_publish_queue: int = 32 * 1024 * 1024  # bytes; above it sends get rate_limited
     abuse_burst: int = 1000  # errors a connection may cause in a burst...
     abuse_rate: float = 100.0  # ...and per second after that, before it is closed 1008

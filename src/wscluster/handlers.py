@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import envelope, frames
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
@@ -176,9 +176,22 @@ class Handlers:
             else:
                 conn.ack(cmd.id, **result)
 
-        self.node.spawn(run())
+        self._spawn(conn, run())
 
     # --- helpers ---------------------------------------------------------------------
+    def _spawn(self, conn: Connection, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the I/O behind a request; it counts against the connection's in-flight bound
+        (reading pauses when too many are pending), like sends do."""
+        conn.sending()
+
+        async def tracked() -> None:
+            try:
+                await coro
+            finally:
+                conn.sent()
+
+        self.node.spawn(tracked())
+
     def _entry(self, conn: Connection) -> Entry[Connection]:
         entry = self.node.registry.get(conn.cid)
         assert entry is not None  # frames only arrive on open connections
@@ -230,5 +243,5 @@ class Handlers:
             else:
                 conn.error(frame_id, Code.UNAVAILABLE, "broker unavailable")
 
-        self.node.spawn(run())
+        self._spawn(conn, run())
 

@@ -273,3 +273,27 @@ async def test_cli_send_and_status(cluster: Cluster, unique: str) -> None:
     )  # fmt: skip
     assert bad.returncode == 2 and "bad_request" in bad.stderr
     await ws.close()
+
+
+async def test_request_flood_is_answered_in_full(cluster: Cluster, unique: str) -> None:
+    """More requests in flight than the per-connection bound (256): reading pauses, nothing
+    is lost, and every one is answered."""
+    ws = await WS.open(cluster.ws_urls[0], f"f{unique}")
+    n = 1500
+    for i in range(n):
+        kind = ("presence", "join", "send")[i % 3]
+        frame: dict[str, object] = {"type": kind, "id": i}
+        if kind == "presence":
+            frame["to"] = f"uid:f{unique}"
+        elif kind == "join":
+            frame["group"] = f"g{i}{unique}"
+        else:
+            frame.update(to=f"client:{ws.client_id}", data=i)
+        await ws.send_raw(json.dumps(frame))
+    answered = set()
+    async with asyncio.timeout(30):
+        while len(answered) < n:
+            msg = await ws.next(type=None)
+            if msg["type"] == "ack":
+                answered.add(msg["id"])
+    assert answered == set(range(n))

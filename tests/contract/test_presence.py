@@ -112,6 +112,18 @@ async def test_writes_are_read_from_another_instance(store: Store) -> None:
         assert await store.keys() == [f"{ns}:alive:{node}", f"{ns}:nodes"]
 
 
+async def test_a_burst_of_reads_is_answered_not_refused(store: Store) -> None:
+    a = await store.make()
+    node = await live_node(a)
+    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    answers = await asyncio.gather(
+        *(a.is_online("alice") for _ in range(1000)),
+        *(a.group_members("room") for _ in range(1000)),
+    )
+    assert answers[:1000] == [True] * 1000
+    assert answers[1000:] == [GroupInfo(["alice"], 1)] * 1000
+
+
 async def test_rebind_moves_the_uid(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)

@@ -45,7 +45,7 @@ class Connection(WSListener):
         self.transport: WSTransport | None = None
         self.closing = False
         self.congested = False
-        self.inflight = 0  # sends waiting for the broker
+        self.inflight = 0  # requests waiting for the broker or presence store
         self.reading_paused = False
         self._frag: bytearray | None = None
         self._frag_binary = False
@@ -163,7 +163,8 @@ class Connection(WSListener):
 
     # --- backpressure on the sender --------------------------------------------------
     def sent(self) -> None:
-        """A send was handed to the broker (or failed): maybe resume reading."""
+        """A request finished its I/O (a send was handed to the broker, a join confirmed, or
+        either failed): maybe resume reading."""
         self.inflight -= 1
         if self.reading_paused and self.inflight <= self.host.config.max_inflight // 2:
             self.reading_paused = False

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
@@ -60,6 +60,7 @@ from wscluster.presence.redis_writer import (
 )
 
 log = logging.getLogger("wscluster.presence")
+READ_CONNECTIONS = 16  # concurrent presence reads per process; more wait for a free one
 
 _UID = "uid"  # conn hash field: the uid ('' when none)
 _G = "g:"  # conn hash field prefix: one field per joined group
@@ -82,18 +83,22 @@ class RedisPresence:
         self._r: Redis | None = None  # readers and purge
         self._local: dict[str, dict[str, _Local]] = {}  # node -> cid -> uid and groups
 
-    def _client(self, socket_timeout: float | None) -> Redis:
-        return Redis.from_url(
+    def _client(self, socket_timeout: float | None, connections: int) -> Redis:
+        # A blocking pool: a burst of reads waits for a free connection (up to the timeout)
+        # instead of failing with "too many connections".
+        pool = BlockingConnectionPool.from_url(
             self.url, decode_responses=True, socket_timeout=socket_timeout,
             socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0),
+            max_connections=connections, timeout=self.timeout,
         )
+        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
     async def start(self) -> None:
         if not self._writer.started:
             # the writer bounds a pipeline as a whole (cheaper than a timeout per reply); a
             # cancelled read closes its connection, it never desyncs it
-            self._r = self._client(self.timeout)
-            self._writer.start(self._client(None))
+            self._r = self._client(self.timeout, READ_CONNECTIONS)
+            self._writer.start(self._client(None, 2))
 
     async def close(self) -> None:
         await self._writer.close()
