@@ -8,12 +8,14 @@ where it fails instead.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from wscluster.embedded import EmbeddedRedis, EmbeddedRedisError
+from wscluster.embedded import ChildServer, EmbeddedNats, EmbeddedRedis, EmbeddedRedisError
 
 NO_SKIP = os.environ.get("WSCLUSTER_NO_SKIP") == "1"
 
@@ -24,19 +26,19 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _started() -> EmbeddedRedis:
-    server = EmbeddedRedis()
+def _started(server: ChildServer) -> ChildServer:
     try:
         server.start()
     except EmbeddedRedisError as exc:
-        skip_or_fail(f"cannot start valkey-server: {exc}")
+        skip_or_fail(f"cannot start {server.name}: {exc}")
     return server
 
 
 @pytest.fixture(scope="session")
 def valkey() -> Iterator[EmbeddedRedis]:
     """A private valkey-server for the whole session (do not restart it: see `own_valkey`)."""
-    server = _started()
+    server = EmbeddedRedis()
+    _started(server)
     yield server
     server.cleanup()
 
@@ -44,9 +46,46 @@ def valkey() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def own_valkey() -> Iterator[EmbeddedRedis]:
     """A private valkey-server for one test, which the test may kill and restart."""
-    server = _started()
+    server = EmbeddedRedis()
+    _started(server)
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[EmbeddedNats]:
+    """A private nats-server (JetStream on) for the whole session."""
+    server = EmbeddedNats()
+    _started(server)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_nats() -> Iterator[EmbeddedNats]:
+    """A private nats-server for one test, which the test may kill and restart."""
+    server = EmbeddedNats()
+    _started(server)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def nats_url(nats: EmbeddedNats) -> str:
+    return nats.url
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    """RabbitMQ has no pip-installable server: the machine's (or WSCLUSTER_TEST_AMQP_URL).
+    Tests isolate themselves by namespace, never by restarting it."""
+    url = os.environ.get("WSCLUSTER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 2).close()
+    except OSError:
+        skip_or_fail(f"RabbitMQ not reachable at {parts.hostname}:{parts.port or 5672}")
+    return url
 
 
 @pytest.fixture

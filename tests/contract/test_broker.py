@@ -68,7 +68,7 @@ class Cluster:
     def __init__(self, url: str, namespace: str) -> None:
         self.url = url
         self.ns = namespace
-        self.kind = "memory" if url.startswith("memory:") else "redis"
+        self.kind = url.partition(":")[0]
         self.opened: list[Broker] = []
 
     def ch(self, name: str) -> str:
@@ -88,13 +88,18 @@ class Cluster:
             await b.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+BACKENDS = {  # param -> fixture giving its URL (None: memory, named by the namespace)
+    "memory": None,
+    "redis": "redis_url",
+    "nats": "nats_url",
+    "rabbitmq": "amqp_url",
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
 async def cluster(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Cluster]:
-    url = (
-        request.getfixturevalue("redis_url")
-        if request.param == "redis"
-        else f"memory://{namespace}"
-    )
+    fixture = BACKENDS[request.param]
+    url = f"memory://{namespace}" if fixture is None else request.getfixturevalue(fixture)
     c = Cluster(url, namespace)
     yield c
     await c.aclose()
@@ -222,7 +227,7 @@ def test_create_broker_schemes() -> None:
     assert isinstance(create_broker("memory://"), MemoryBroker)
     for url in ("redis://127.0.0.1:1/0", "rediss://h:1", "unix:///tmp/none.sock"):
         assert isinstance(create_broker(url, connect_timeout=1.0), RedisBroker)
-    for url in ("nats://h:4222", "http://h", "localhost:6379"):
+    for url in ("http://h", "localhost:6379"):
         with pytest.raises(ValueError, match=r"redis://, rediss://, unix://, memory://"):
             create_broker(url)
 

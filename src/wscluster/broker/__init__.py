@@ -9,7 +9,7 @@ from wscluster.broker.base import Broker, MessageHandler, StateHandler
 
 __all__ = ["SCHEMES", "Broker", "MessageHandler", "StateHandler", "create_broker"]
 
-SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
+SCHEMES = ("redis://", "rediss://", "unix://", "memory://", "nats://", "amqp://", "amqps://")
 
 
 def create_broker(url: str, **kwargs: Any) -> Broker:
@@ -24,5 +24,13 @@ def create_broker(url: str, **kwargs: Any) -> Broker:
         from wscluster.broker.memory import MemoryBroker
 
         return MemoryBroker(url, **kwargs)
+    if scheme in ("nats", "tls"):
+        from wscluster.broker.nats import NatsBroker
+
+        return NatsBroker(url, **kwargs)
+    if scheme in ("amqp", "amqps"):
+        from wscluster.broker.rabbitmq import RabbitMQBroker
+
+        return RabbitMQBroker(url, **kwargs)
     what = f"scheme {scheme}://" if scheme else "URL without a scheme"
     raise ValueError(f"unsupported broker {what}: use one of {', '.join(SCHEMES)}")
