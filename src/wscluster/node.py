@@ -8,7 +8,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from picows import WSMsgType
 
@@ -23,10 +23,14 @@ from .naming import Names, client_id, new_node_id
 from .presence import create_presence
 from .presence.base import ConnInfo
 from .registry import Registry
-from .routing import Address, Kind, parse_address
+from .routing import Address, parse_address
 from .subscriptions import Subscriptions
 
 log = logging.getLogger("wscluster.node")
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
 
 
 class Node:
@@ -50,7 +54,7 @@ class Node:
         self._presence_ok_at = 0.0
         self._presence_up = False
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._servers: list[Any] = []  # closables: picows server, aiohttp runner
+        self._servers: list[_Closable] = []  # the public (picows) and API (aiohttp) servers
         self._stopped = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -65,7 +69,7 @@ class Node:
             await self.broker.subscribe(fixed)
         except BrokerUnavailable:
             log.warning("broker unavailable at start: %s; retrying in the background",
-                        self.config.broker)  # fmt: skip
+                        _redact(self.config.broker))  # fmt: skip
         await self.presence.start()
         await self._heartbeat_once()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
@@ -332,5 +336,3 @@ def _redact(url: str) -> str:
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
 
-
-__all__ = ["Kind", "Node"]
