@@ -11,11 +11,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .config import NodeConfig
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(u, "base-port", 8000, int)
     _add(u, "host", "127.0.0.1")
     _add(u, "broker", None, help="use this broker instead of starting an embedded one")
+    _add(u, "presence", None, help="presence store (default: the broker, or an embedded valkey)")
+    u.add_argument("--nats", action="store_true", default=_flag("nats"),
+                   help="start an embedded nats-server as the broker")  # fmt: skip
     _add(u, "namespace", "wsc")
     _add(u, "log-level", "INFO")
 
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("status", "show the cluster's nodes and connections")):  # fmt: skip
         c = sub.add_parser(name, help=helptext)
         _add(c, "broker", DEFAULT_BROKER)
+        _add(c, "presence", None, help="presence store URL (default: the broker URL)")
         _add(c, "namespace", "wsc")
         if name == "send":
             c.add_argument("--to", required=True, help="client:<id> | uid:<uid> | group:<g> | all")
@@ -119,15 +126,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return uvloop.run(_serve(config))
 
 
-async def _send(args: argparse.Namespace) -> int:
+def _cluster(args: argparse.Namespace) -> Cluster:
     from .cluster import Cluster
+
+    return Cluster(args.broker, namespace=args.namespace, presence_url=args.presence)
+
+
+async def _send(args: argparse.Namespace) -> int:
     from .errors import BrokerUnavailable, ProtocolError
 
     try:
         data = msgspec.json.decode(args.data)
     except msgspec.DecodeError:
         data = args.data
-    async with Cluster(args.broker, namespace=args.namespace) as cluster:
+    async with _cluster(args) as cluster:
         try:
             await cluster.send(args.to, data)
         except ProtocolError as exc:
@@ -141,10 +153,9 @@ async def _send(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from .cluster import Cluster
     from .errors import BrokerUnavailable, PresenceUnavailable
 
-    async with Cluster(args.broker, namespace=args.namespace) as cluster:
+    async with _cluster(args) as cluster:
         try:
             stats = await cluster.stats()
         except (BrokerUnavailable, PresenceUnavailable) as exc:

@@ -39,7 +39,10 @@ class Cluster:
     ) -> None:
         self.names = Names(namespace)
         self.broker: Broker = create_broker(broker_url)
-        self.presence: Presence = create_presence(presence_url or broker_url, self.names)
+        presence_url = presence_url or broker_url
+        if not presence_url.startswith(("redis", "unix", "memory")):
+            raise ValueError("the presence store needs Redis: pass presence_url='redis://…'")
+        self.presence: Presence = create_presence(presence_url, self.names)
         self.max_message_size = max_message_size
         self._owned = True
         self._started = False

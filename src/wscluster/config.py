@@ -49,6 +49,12 @@ class NodeConfig:
                 "refusing to start: pass --anonymous to accept any client "
                 "(JWT authentication arrives with --jwt-secret / --jwt-public-key)"
             )
+        scheme = self.presence_url.partition("://")[0].lower()
+        if scheme not in ("redis", "rediss", "unix", "memory"):
+            raise ValueError(
+                f"the presence store needs Redis: with --broker {scheme}://... "
+                "also pass --presence redis://host:port/db"
+            )
         if self.node_ttl <= self.node_heartbeat:
             raise ValueError("--node-ttl must be larger than --node-heartbeat")
         if self.max_message_size > self.max_frame_size:

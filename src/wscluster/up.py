@@ -11,7 +11,13 @@ import sys
 import time
 import urllib.request
 
-from .embedded import EmbeddedRedis, EmbeddedRedisError, die_with_parent
+from .embedded import (
+    ChildServer,
+    EmbeddedNats,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    die_with_parent,
+)
 
 log = logging.getLogger("wscluster.up")
 
@@ -30,18 +36,26 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bo
     return False
 
 
+def _embedded(server: ChildServer, started: list[ChildServer]) -> str:
+    started.append(server)
+    server.start()
+    log.info("embedded %s on %s (pid %s)", server.name, server.url, server.pid)
+    return server.url
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    redis: EmbeddedRedis | None = None
-    broker = args.broker
-    if broker is None:
-        redis = EmbeddedRedis()
-        try:
-            redis.start()
-        except EmbeddedRedisError as exc:
-            print(f"wscluster up: {exc}", file=sys.stderr)
-            return 1
-        broker = redis.url
-        log.info("embedded valkey-server on %s (pid %s)", broker, redis.pid)
+    started: list[ChildServer] = []
+    broker, presence = args.broker, args.presence
+    try:
+        if broker is None:
+            broker = _embedded(EmbeddedNats() if args.nats else EmbeddedRedis(), started)
+        if presence is None and not broker.startswith(("redis", "unix", "memory")):
+            presence = _embedded(EmbeddedRedis(), started)  # presence always needs Redis
+    except EmbeddedRedisError as exc:
+        print(f"wscluster up: {exc}", file=sys.stderr)
+        for server in started:
+            server.cleanup()
+        return 1
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -58,6 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 sys.executable, "-m", "wscluster", "serve", "--anonymous",
                 "--host", args.host, "--port", str(port), "--api-port", str(port + 1000),
                 "--broker", broker, "--namespace", args.namespace,
+                *(["--presence", presence] if presence else []),
                 "--node-name", f"node{i}", "--log-level", args.log_level,
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent))
@@ -66,7 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if not _wait_healthy(health, proc, 15):
                 print(f"wscluster up: node {i} did not become healthy", file=sys.stderr)
                 return 1
-        _banner(args, broker)
+        _banner(args, broker, presence)
         reported: set[int] = set()
         while not stopping and any(p.poll() is None for p in procs):
             for i, proc in enumerate(procs, 1):
@@ -86,13 +101,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if redis is not None:
-            redis.cleanup()
+        for server in started:
+            server.cleanup()
         print("wscluster up: stopped", file=sys.stderr)
 
 
-def _banner(args: argparse.Namespace, broker: str) -> None:
+def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None:
     ns = "" if args.namespace == "wsc" else f" --namespace {args.namespace}"
+    ns += f" --presence {presence}" if presence else ""
     lines = [f"wscluster is up: {args.nodes} nodes, broker {broker}", ""]
     for i in range(1, args.nodes + 1):
         port = args.base_port + i

@@ -6,10 +6,13 @@ import asyncio
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from .wsclient import WS
 
@@ -41,10 +44,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_up_starts_a_cluster_and_ctrl_c_stops_everything() -> None:
+@pytest.mark.parametrize("flags", [[], ["--nats"]], ids=["redis", "nats"])
+async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str]) -> None:
     base = random.randrange(20000, 40000, 10)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base)],
+        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base),
+         *flags],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
@@ -56,24 +61,21 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything() -> None:
             banner += await asyncio.to_thread(proc.stdout.readline)
         urls = re.findall(r"ws://127\.0\.0\.1:\d+/ws", banner)
         assert urls[:2] == [f"ws://127.0.0.1:{base + 1}/ws", f"ws://127.0.0.1:{base + 2}/ws"]
-        send_cmd = re.search(r"wscluster send --broker (\S+)", banner)
-        assert send_cmd is not None and "wscluster status --broker" in banner
+        send_line = re.search(r"^ +(wscluster send .*)$", banner, re.M)
+        assert send_line is not None and "wscluster status --broker" in banner
         a = await WS.open(urls[0], "alice")
         b = await WS.open(urls[1], "bob")
         await b.ok({"type": "send", "to": "uid:alice", "data": "across"})
         assert (await a.next(type="message"))["data"] == "across"
-        sent = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "wscluster", "send", "--broker", send_cmd.group(1),
-             "--to", "uid:alice", '{"text": "hi"}'],
-            capture_output=True, timeout=30,
-        )  # fmt: skip
-        assert sent.returncode == 0
+        # the banner's own command, pasted as printed
+        argv = [sys.executable, "-m", *shlex.split(send_line.group(1))]
+        sent = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=30)
+        assert sent.returncode == 0, sent.stderr
         assert (await a.next(type="message"))["data"] == {"text": "hi"}
         await a.close()
         await b.close()
         family = _children(proc.pid)
-        assert len(family) >= 3  # valkey + 2 nodes
+        assert len(family) >= 3  # broker (+ presence store) + 2 nodes
         proc.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 30) == 0
         deadline = time.monotonic() + 10

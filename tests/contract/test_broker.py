@@ -231,6 +231,14 @@ def test_create_broker_schemes() -> None:
     assert isinstance(create_broker("memory://"), MemoryBroker)
     for url in ("redis://127.0.0.1:1/0", "rediss://h:1", "unix:///tmp/none.sock"):
         assert isinstance(create_broker(url, connect_timeout=1.0), RedisBroker)
+    if "rabbitmq" in BACKENDS:
+        from wscluster.broker.rabbitmq import RabbitMQBroker
+
+        assert isinstance(create_broker("amqp://guest:guest@h:5672/"), RabbitMQBroker)
+    if "nats" in BACKENDS:
+        from wscluster.broker.nats import NatsBroker
+
+        assert isinstance(create_broker("nats://h:4222"), NatsBroker)
     for url in ("http://h", "localhost:6379"):
         with pytest.raises(ValueError, match=r"redis://, rediss://, unix://, memory://"):
             create_broker(url)

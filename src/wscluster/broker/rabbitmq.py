@@ -1,0 +1,175 @@
+"""RabbitMQ broker (AMQP 0-9-1, ``amqp://`` and ``amqps://``) over aio-pika: two connections,
+one to publish and one to subscribe, and one direct exchange ``wscluster`` for every channel.
+
+Routing: a channel is a routing key of that exchange. Routing keys hold at most 255 bytes, so a
+longer channel (or one starting with ``#``) is sent under ``#`` + its SHA-256, with the channel
+itself in the ``wsc-channel`` header; the receiver maps the key back to the channel it
+subscribed and checks that header. Each broker instance owns one exclusive, auto-deleted,
+server-named queue, bound once per subscribed channel; a bind-ok is the subscribe barrier
+(binds are pipelined without waiting, then one waited bind confirms them all, since a channel
+runs its methods in order).
+
+Guarantee: **at-most-once**, **FIFO per publisher** (one AMQP channel and one writer task
+publish in ``publish_nowait`` call order, and RabbitMQ keeps one channel's order into a queue;
+a future resolves once the broker confirmed that message: publisher confirms, awaited per
+batch). Messages are transient, never persisted. Lost:
+
+- while the publishing link is down, ``publish_nowait`` fails at once (no buffering while
+  down); messages queued or unconfirmed when it breaks, or unconfirmed after
+  ``publish_timeout``, fail with ``BrokerUnavailable`` (such a message may still be routed);
+- while the subscribing link is down, messages on its channels are lost for this node: its
+  queue dies with its connection. It reconnects with jittered backoff, declares a new queue,
+  binds every remembered channel, and only then reports ``on_state(True)``. A closed channel
+  or a consumer cancelled by the broker (its queue deleted) counts as a lost link;
+- when this node reads too slowly: its queue keeps at most 100 000 messages / 64 MiB and then
+  drops the oldest (``x-overflow: drop-head``), so a slow node loses its own backlog without
+  RabbitMQ holding unbounded data and without touching the publishers (``reject-publish``
+  would nack their messages, even those that every other node received). Consuming is
+  ``no_ack``: a prefetch does not apply to it; aiormq's bounded frame buffer and TCP give the
+  backpressure, and the queue's bound is what limits the server's memory.
+
+Limits: payloads up to 16 MiB (RabbitMQ 4's default ``max_message_size``); unsubscribing costs
+one round trip per channel (AMQP has no no-wait unbind); aiormq writes each message on its
+own, so one publisher does about 5 000 messages/s (100 bytes, one core). While RabbitMQ blocks
+publishers (memory or disk alarm), publishes fail after ``publish_timeout``. A silent link is
+detected by AMQP heartbeats (``heartbeat=2`` unless the URL sets one: dead within about 10 s)
+and a publish by its ``publish_timeout``. Transitions are logged on ``wscluster.broker``
+("broker lost: ...", "broker back after X s"), payloads never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from yarl import URL
+
+from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.rabbitmq_link import (
+    EXCHANGE,
+    MAX_BATCH,
+    MAX_PAYLOAD,
+    QUEUE_ARGS,
+    Publisher,
+    Subscriber,
+    routing_key,
+)
+
+__all__ = [
+    "EXCHANGE",
+    "HEARTBEAT",
+    "MAX_BATCH",
+    "MAX_PAYLOAD",
+    "QUEUE_ARGS",
+    "RabbitMQBroker",
+    "routing_key",
+]
+
+log = logging.getLogger("wscluster.broker")
+
+HEARTBEAT = 2  # seconds, unless the URL sets ?heartbeat=
+
+
+class RabbitMQBroker:
+    """The ``Broker`` role over RabbitMQ (``amqp://``, ``amqps://``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 5.0,
+        publish_timeout: float = 5.0,
+        max_pending_bytes: int = 64 << 20,
+    ) -> None:
+        parsed = URL(url)
+        if "heartbeat" not in parsed.query:
+            parsed = parsed.update_query(heartbeat=HEARTBEAT)
+        port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
+        self._where = f"{parsed.host}:{port}{parsed.path}"  # for logs: never the password
+        self._connect_timeout = connect_timeout
+        self._on_state: StateHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        link_url = str(parsed)
+        self._pub = Publisher(
+            link_url, connect_timeout, publish_timeout, max_pending_bytes, self._update_state
+        )
+        self._sub = Subscriber(link_url, connect_timeout, self._update_state)
+        # state
+        self._connected = False
+        self._up = asyncio.Event()
+        self._down_since: float | None = None
+
+    # --- Broker API -----------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pub.pending_bytes
+
+    async def start(
+        self, on_message: MessageHandler | None = None, on_state: StateHandler | None = None
+    ) -> None:
+        if self._tasks or self._closing:
+            raise RuntimeError("RabbitMQBroker.start() may be called once")
+        self._sub.on_message, self._on_state = on_message, on_state
+        self._tasks = [
+            asyncio.create_task(self._pub.run(), name="wsc-broker-pub"),
+            asyncio.create_task(self._sub.run(), name="wsc-broker-sub"),
+        ]
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._up.wait()
+        except TimeoutError:
+            self._down_since = asyncio.get_running_loop().time() - self._connect_timeout
+            why = self._pub.last_error or self._sub.last_error or "no answer"
+            msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
+            log.warning(msg, self._where, self._connect_timeout, why)
+
+    def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
+        return self._pub.publish_nowait(channel, payload)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        await self.publish_nowait(channel, payload)
+
+    async def subscribe(self, channels: Sequence[str]) -> None:
+        await self._sub.subscribe(list(channels))
+
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
+        await self._sub.unsubscribe(list(channels))
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = self._pub.closing = self._sub.closing = True
+        self._pub.up = self._sub.up = self._connected = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pub.fail_publishes("broker closed")
+        self._sub.fail_waiters("broker closed")
+
+    # --- state ------------------------------------------------------------------------
+    def _update_state(self, reason: str = "") -> None:
+        up = self._pub.up and self._sub.up and not self._closing
+        if up == self._connected:
+            return
+        self._connected = up
+        now = asyncio.get_running_loop().time()
+        if up:
+            self._up.set()
+            if self._down_since is not None:
+                log.info("broker back after %.1f s", now - self._down_since)
+            self._down_since = None
+        else:
+            self._up.clear()
+            self._down_since = now
+            log.warning("broker lost: %s (%s)", reason, self._where)
+        if self._on_state is not None:
+            try:
+                self._on_state(up)
+            except Exception:
+                log.exception("on_state handler failed")
