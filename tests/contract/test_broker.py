@@ -42,6 +42,20 @@ async def until(cond: Callable[[], bool], within: float = WAIT, what: str = "con
         raise AssertionError(f"not reached within {within} s: {what}") from None
 
 
+async def freeze(pid: int) -> None:
+    """SIGSTOP the server and wait until it is stopped (delivery is not synchronous)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+        except OSError:  # no /proc: cannot tell
+            return True
+
+    await until(stopped, what="server stopped")
+
+
 class Inbox:
     """on_message / on_state recorder of one broker."""
 
@@ -374,7 +388,7 @@ async def test_redis_frozen_server_is_detected(
     await sub.subscribe([own_cluster.ch("f")])
     pid = own_valkey.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    await freeze(pid)
     try:
         t0 = time.monotonic()
         await until(lambda: inbox.states[-1:] == [False], within=8.0)
@@ -393,7 +407,7 @@ async def test_redis_in_flight_messages_fail_when_link_breaks(
     await pub.publish(ch, b"warm-up")
     pid = own_valkey.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    await freeze(pid)
     try:
         futs = [pub.publish_nowait(ch, b"x" * 1000) for _ in range(200)]
         await asyncio.sleep(0.2)  # written to the socket, no replies yet
@@ -411,7 +425,7 @@ async def test_redis_publish_timeout(own_valkey: EmbeddedRedis, own_cluster: Clu
     await pub.publish(ch, b"warm-up")
     pid = own_valkey.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    await freeze(pid)
     try:
         t0 = time.monotonic()
         with pytest.raises(BrokerUnavailable):

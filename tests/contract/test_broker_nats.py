@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.client import Client
 
-from tests.contract.test_broker import WAIT, Cluster, Inbox, until
+from tests.contract.test_broker import WAIT, Cluster, Inbox, freeze, until
 from wscluster.broker import create_broker
 from wscluster.broker.nats import (
     MAX_CHANNEL_BYTES,
@@ -46,20 +46,6 @@ ODD_NAMES = [
     "uid:_INBOX.x",
     "uid:$SYS.>",
 ]
-
-
-async def freeze(pid: int) -> None:
-    """SIGSTOP the server and wait until it is stopped (delivery is not synchronous)."""
-    os.kill(pid, signal.SIGSTOP)
-
-    def stopped() -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
-        except OSError:  # no /proc: cannot tell
-            return True
-
-    await until(stopped, what="server stopped")
 
 
 @pytest.fixture
