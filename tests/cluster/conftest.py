@@ -69,7 +69,7 @@ class NodeProc:
 
     def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 

@@ -123,7 +123,17 @@ async def test_redis_restart_heals(own_valkey: EmbeddedRedis, make_cluster: Make
         assert time.monotonic() - t0 < 5
         await asyncio.sleep(0.1)
     assert (await _presence(c.api_urls[1], f"group:g{unique}"))["count"] == 1
-    assert "broker lost" in c.nodes[0].log() and "broker back" in c.nodes[0].log()
+    async with aiohttp.ClientSession() as http:  # every node healthy again (all links back)
+        for node in c.nodes:
+            while True:
+                async with http.get(f"{node.http_url}/healthz") as r:
+                    if r.status == 200:
+                        break
+                assert time.monotonic() - t0 < 5, f"node{node.index} not healthy again"
+                await asyncio.sleep(0.1)
+    for node in c.nodes:
+        log = node.log()
+        assert "broker lost" in log and "broker back" in log, log
     print(f"routing healed {healed:.2f}s after redis was back")
 
 
