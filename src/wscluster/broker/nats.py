@@ -27,135 +27,37 @@ logged on ``wscluster.broker`` ("broker lost: ...", "broker back after X s"), pa
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import functools
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
-from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from wscluster.backoff import Backoff
 from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.nats_link import (
+    LINK_ERRORS,
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    MAX_CHANNEL_BYTES,
+    MAX_OUTSTANDING_PINGS,
+    PING_INTERVAL,
+    Item,
+    Link,
+    channel_subject,
+    describe,
+    subject_channel,
+    too_long,
+)
 from wscluster.errors import BrokerUnavailable
 
 __all__ = ["MAX_CHANNEL_BYTES", "NatsBroker", "channel_subject", "subject_channel"]
 
 log = logging.getLogger("wscluster.broker")
-
-MAX_BATCH = 10_000  # messages per acknowledged batch
-MAX_BATCH_BYTES = 4 << 20  # payload bytes per batch (at least one message is sent)
-PING_INTERVAL = 1.0  # seconds between keep-alive PINGs
-MAX_OUTSTANDING_PINGS = 3  # unanswered PINGs before the link is declared dead
-MAX_CHANNEL_BYTES = 2048  # UTF-8 bytes: subject lines stay within max_control_line (4 KiB)
-
-_Item = tuple[str, bytes, asyncio.Future[None]]
-_LINK_ERRORS = (ConnectionError, NatsError)
-
-
-@functools.lru_cache(maxsize=4096)
-def channel_subject(channel: str) -> str:
-    """The NATS subject of a channel (one token: no '.', '*', '>' or whitespace)."""
-    return "wsc.c" + base64.urlsafe_b64encode(channel.encode()).rstrip(b"=").decode("ascii")
-
-
-def _too_long(channel: str) -> bool:
-    return len(channel) > MAX_CHANNEL_BYTES // 4 and len(channel.encode()) > MAX_CHANNEL_BYTES
-
-
-@functools.lru_cache(maxsize=4096)
-def subject_channel(subject: bytes) -> str | None:
-    """The channel of a subject made by ``channel_subject`` (None for any other subject)."""
-    if not subject.startswith(b"wsc.c"):
-        return None
-    token = subject[5:] + b"=" * (-(len(subject) - 5) % 4)
-    try:
-        channel = base64.urlsafe_b64decode(token).decode()
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        return None
-    return channel if channel_subject(channel) == subject.decode() else None
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _Client(Client):
-    """nats-py's client, with every message handed to ``on_msg(subject, payload)`` by its
-    reader task, in wire order. Its subscriptions carry a dummy ``future``, so nats-py starts
-    no task and queue per subscription (memory, and lost order between channels)."""
-
-    def __init__(self, on_msg: Callable[[bytes, bytes], None]) -> None:
-        super().__init__()
-        self.wsc_on_msg = on_msg
-
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        self.wsc_on_msg(subject, data)
-
-
-class _Link:
-    """One connection: its subscriptions and its outstanding markers (the barriers)."""
-
-    def __init__(self, deliver: Callable[[str, bytes], None]) -> None:
-        self.nc = _Client(self._on_msg)
-        self.deliver = deliver
-        self.lost = asyncio.Event()
-        self.ready = False  # every remembered channel confirmed after the (re)connect
-        self.subs: dict[str, Subscription | None] = {}  # None: being subscribed
-        self.inbox = self.nc.new_inbox()
-        self._inbox = self.inbox.encode()
-        self.never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks: dict[int, asyncio.Future[None]] = {}
-        self._seq = 0
-
-    async def subscribe(self, subject: str) -> Subscription:
-        return await self.nc.subscribe(subject, future=self.never)
-
-    async def barrier(self, within: float) -> None:
-        """Return once the server processed every command this link sent before."""
-        if self.lost.is_set():
-            raise ConnectionError("connection lost")
-        self._seq += 1
-        seq = self._seq
-        fut = self._acks[seq] = asyncio.get_running_loop().create_future()
-        try:
-            await self.nc.publish(self.inbox, b"%d" % seq)
-            async with asyncio.timeout(within):
-                await fut
-        except TimeoutError:
-            raise ConnectionError(f"no answer from the server within {within} s") from None
-        finally:
-            self._acks.pop(seq, None)
-
-    def _on_msg(self, subject: bytes, payload: bytes) -> None:
-        if subject != self._inbox:
-            channel = subject_channel(bytes(subject))
-            if channel is not None:
-                self.deliver(channel, payload)
-            return
-        seq = int(payload) if payload.isdigit() else 0
-        while self._acks:
-            first = next(iter(self._acks))
-            if first > seq:
-                break
-            fut = self._acks.pop(first)
-            if not fut.done():
-                fut.set_result(None)
-
-    def fail(self) -> None:
-        self.lost.set()
-        acks, self._acks = self._acks, {}
-        for fut in acks.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection lost"))
-
 
 class NatsBroker:
     """The ``Broker`` role over core NATS (``nats://``, ``tls://``)."""
@@ -177,13 +79,13 @@ class NatsBroker:
         self._on_message: MessageHandler | None = None
         self._on_state: StateHandler | None = None
         self._desired: dict[str, None] = {}
-        self._queue: deque[_Item] = deque()
-        self._inflight: deque[_Item] = deque()
+        self._queue: deque[Item] = deque()
+        self._inflight: deque[Item] = deque()
         self._pending_bytes = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._link: _Link | None = None  # set while the connection is up
+        self._link: Link | None = None  # set while the connection is up
         self._link_ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self._connected = False
@@ -221,7 +123,7 @@ class NatsBroker:
         link = self._link
         if link is None or link.lost.is_set() or self._closing:
             fut.set_exception(BrokerUnavailable("broker not connected"))
-        elif size > link.nc.max_payload or _too_long(channel):
+        elif size > link.nc.max_payload or too_long(channel):
             limit = link.nc.max_payload
             what = f"{size} bytes > {limit}" if size > limit else "channel too long"
             fut.set_exception(BrokerUnavailable(f"publish refused: {what}"))
@@ -240,7 +142,7 @@ class NatsBroker:
         if self._closing:
             raise BrokerUnavailable("broker closed")
         todo = list(dict.fromkeys(channels))
-        if any(_too_long(ch) for ch in todo):  # the server would drop the connection
+        if any(too_long(ch) for ch in todo):  # the server would drop the connection
             raise BrokerUnavailable(f"channel longer than {MAX_CHANNEL_BYTES} bytes refused")
         if not todo:
             return
@@ -257,7 +159,7 @@ class NatsBroker:
                     try:
                         await self._add_subs(link, todo)
                         return
-                    except _LINK_ERRORS as exc:
+                    except LINK_ERRORS as exc:
                         log.debug("subscribe interrupted: %s", describe(exc))
                     await link.lost.wait()
         except TimeoutError:
@@ -278,7 +180,7 @@ class NatsBroker:
                 if sub is not None:
                     await sub.unsubscribe()
             await link.barrier(self._connect_timeout)
-        except _LINK_ERRORS as exc:  # delivery is filtered by the desired set anyway
+        except LINK_ERRORS as exc:  # delivery is filtered by the desired set anyway
             log.debug("unsubscribe not confirmed: %s", describe(exc))
 
     async def close(self) -> None:
@@ -299,7 +201,7 @@ class NatsBroker:
     async def _run(self) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._closing:  # checked, as nats-py may swallow a cancellation (wait_for)
-            link = _Link(self._deliver)
+            link = Link(self._deliver)
             nc = link.nc
             try:
                 await nc.connect(**self._connect_options(link))
@@ -323,7 +225,7 @@ class NatsBroker:
                 async with asyncio.timeout(backoff.next()):
                     await self._stopped.wait()
 
-    def _connect_options(self, link: _Link) -> dict[str, Any]:
+    def _connect_options(self, link: Link) -> dict[str, Any]:
         async def closed() -> None:
             link.fail()
             if self._link is link:
@@ -347,7 +249,7 @@ class NatsBroker:
             "error_cb": error,
         }
 
-    async def _serve(self, link: _Link) -> None:
+    async def _serve(self, link: Link) -> None:
         await link.subscribe(link.inbox)
         if self._closing:
             return
@@ -367,7 +269,7 @@ class NatsBroker:
                 task.cancel()
             await asyncio.gather(lost, writer, return_exceptions=True)
 
-    def _link_lost(self, link: _Link, reason: str) -> None:
+    def _link_lost(self, link: Link, reason: str) -> None:
         link.fail()
         if self._link is link:
             self._link = None
@@ -384,7 +286,7 @@ class NatsBroker:
         except Exception as exc:  # closing a broken connection may fail; it is gone either way
             log.debug("closing broker connection: %s", describe(exc))
 
-    async def _add_subs(self, link: _Link, channels: list[str]) -> None:
+    async def _add_subs(self, link: Link, channels: list[str]) -> None:
         """Subscribe the channels this link lacks, then wait until the server has them."""
         for ch in channels:
             if link.lost.is_set():
@@ -408,7 +310,7 @@ class NatsBroker:
             log.exception("on_message handler failed (channel %s)", channel)
 
     # --- publishing -------------------------------------------------------------------
-    async def _write(self, link: _Link) -> None:
+    async def _write(self, link: Link) -> None:
         """Send queued messages in order, a batch at a time, each batch closed by a marker."""
         queue, inflight, nc = self._queue, self._inflight, link.nc
         while True:
