@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+# Options of PROTOCOL.md that arrive with authentication and applications: accepted by the
+# parser so that using one fails loudly instead of being ignored (an unchecked Origin or an
+# unauthenticated node must never look configured).
+_NOT_YET = ("jwt-secret", "jwt-public-key", "allowed-origins", "app")
 
 
 def _env(name: str, default: Any) -> Any:
@@ -52,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--anonymous", action="store_true", default=_flag("anonymous"),
                    help="accept any client; `login` takes a uid")  # fmt: skip
     _add(s, "api-key", None)
+    for later in _NOT_YET:
+        _add(s, later, None, help="not available yet in this version")
     _add(s, "max-connections", d.max_connections, int)
     _add(s, "max-message-size", d.max_message_size, int)
     _add(s, "max-frame-size", d.max_frame_size, int)
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--nats", action="store_true", default=_flag("nats"),
                    help="start an embedded nats-server as the broker")  # fmt: skip
     _add(u, "namespace", "wsc")
+    _add(u, "app", None, help="not available yet in this version")
     _add(u, "log-level", "INFO")
 
     for name, helptext in (("send", "push a message to an address"),
@@ -82,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add(c, "presence", None, help="presence store URL (default: the broker URL)")
         _add(c, "namespace", "wsc")
         if name == "send":
-            c.add_argument("--to", required=True, help="client:<id> | uid:<uid> | group:<g> | all")
+            to = _env("to", None)
+            c.add_argument("--to", default=to, required=to is None,
+                           help="client:<id> | uid:<uid> | group:<g> | all")  # fmt: skip
             c.add_argument("data", help="JSON value (text that is not JSON is sent as a string)")
     return parser
 
@@ -113,7 +122,18 @@ async def _serve(config: NodeConfig) -> int:
     return 0
 
 
+def _refuse_not_yet(args: argparse.Namespace, command: str) -> bool:
+    for name in _NOT_YET:
+        if getattr(args, name.replace("-", "_"), None) is not None:
+            print(f"wscluster {command}: --{name} is not available yet in this version; "
+                  "only --anonymous mode is", file=sys.stderr)  # fmt: skip
+            return True
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if _refuse_not_yet(args, "serve"):
+        return 2
     _setup_logging(args.log_level)
     try:
         config = node_config(args)
@@ -177,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from .up import cmd_up
 
+        if _refuse_not_yet(args, "up"):
+            return 2
         _setup_logging(args.log_level)
         return cmd_up(args)
     _setup_logging("WARNING")

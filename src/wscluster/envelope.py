@@ -79,9 +79,12 @@ class PresenceFrame(msgspec.Struct, tag_field="type", tag="presence"):
     client_id: str
 
 
-def presence_event(group: str, event: str, uid: str | None, cid: str) -> bytes:
+def presence_event(
+    group: str, event: str, uid: str | None, cid: str, *, exclude: tuple[str, ...] = ()
+) -> bytes:
     frame = _frame_encoder.encode(PresenceFrame(group, event, uid, cid))
-    return _envelope_encoder.encode(Envelope(VERSION, Op.PRESENCE, f"group:{group}", frame))
+    env = Envelope(VERSION, Op.PRESENCE, f"group:{group}", frame, exclude=exclude)
+    return _envelope_encoder.encode(env)
 
 
 def close(to: Address | str, code: int) -> bytes:

@@ -66,14 +66,22 @@ def _check_id(value: Any) -> FrameId:
     raise bad_request(f"'id' must be an integer or a string of at most {MAX_ID_LEN} characters")
 
 
-def parse(payload: bytes | memoryview) -> Command:
+def parse(payload: bytes) -> Command:
     """Decode one text frame. Raises FrameError with the frame's id where it is known."""
+    try:
+        # msgspec checks UTF-8 only in what it decodes: `data` stays raw and is forwarded as
+        # it is, so the whole frame is checked here (invalid UTF-8 would break receivers).
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameError(Code.BAD_JSON, f"not valid UTF-8 at byte {exc.start}", None) from None
     try:
         raw = _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise FrameError(Code.BAD_REQUEST, f"frame must be a JSON object ({exc})", None) from None
     except msgspec.DecodeError as exc:
         raise FrameError(Code.BAD_JSON, str(exc), None) from None
+    except RecursionError:
+        raise FrameError(Code.BAD_JSON, "JSON nested too deeply", None) from None
     try:
         frame_id = _check_id(raw.id)
     except ProtocolError as exc:

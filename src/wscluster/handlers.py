@@ -5,6 +5,7 @@ and presence I/O behind an ack runs afterwards, and the ack waits for it (barrie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import envelope, frames
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
-from .registry import Entry
+from .registry import Entry, Interest
 from .routing import Kind, channel_for
 
 if TYPE_CHECKING:
@@ -97,15 +98,15 @@ class Handlers:
         assert uid is not None
         entry = self._entry(conn)
         old = entry.uid
-        if old == uid:
-            conn.ack(cmd.id, uid=uid)
-            return
-        node.subs.apply(node.registry.bind(conn.cid, uid))
-        waits = [
-            node.subs.wait(f"uid:{uid}"),
-            node.presence_write(node.presence.bind(node.node_id, conn.cid, old, uid)),
-        ]
-        self._finish(conn, cmd.id, waits, {"uid": uid}, lambda: self._rebind(conn, uid, old))
+        waits: list[Awaitable[None]] = [node.subs.wait(f"uid:{uid}")]
+        rollback = None
+        if old != uid:
+            node.subs.apply(node.registry.bind(conn.cid, uid))
+            write = node.presence.bind(node.node_id, conn.cid, old, uid)
+            waits.append(node.presence_write(write))
+            rollback = self._undo(conn, lambda: node.registry.bind(conn.cid, old))
+        # a repeated login waits for the same barrier as the first one
+        self._finish(conn, cmd.id, waits, {"uid": uid}, rollback)
 
     def logout(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
@@ -114,48 +115,44 @@ class Handlers:
         if old is None:
             conn.ack(cmd.id)
             return
+        # Local first: from here no message to the uid reaches this connection (the barrier).
         node.subs.apply(node.registry.bind(conn.cid, None))
-        waits = [node.presence_write(node.presence.bind(node.node_id, conn.cid, old, None))]
-        self._finish(conn, cmd.id, waits, {}, None)
+        self._always_ack(conn, cmd.id, node.presence.bind(node.node_id, conn.cid, old, None))
 
     def join(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
         group = cmd.name
         assert group is not None
         entry = self._entry(conn)
-        if group in entry.groups:
+        address = f"group:{group}"
+        if group in entry.groups:  # a repeat: same barrier as the first join
             if cmd.raw.presence:
                 node.watch_presence(conn.cid, group)
-            conn.ack(cmd.id)
+            self._finish(conn, cmd.id, [node.subs.wait(address)], {}, None)
             return
         if len(entry.groups) >= node.config.max_groups_per_connection:
             raise ProtocolError(Code.FORBIDDEN, "too many groups on this connection")
         if cmd.raw.presence:
             node.watch_presence(conn.cid, group)
         node.subs.apply(node.registry.join(conn.cid, group))
+        # published now, so a later leave (or close) is always announced after it
+        node.publish_presence(group, "join", entry.uid, conn.cid)
         waits = [
-            node.subs.wait(f"group:{group}"),
+            node.subs.wait(address),
             node.presence_write(node.presence.join(node.node_id, conn.cid, entry.uid, group)),
         ]
-
-        def joined() -> None:
-            node.publish_presence(group, "join", entry.uid, conn.cid)
-
-        self._finish(
-            conn, cmd.id, waits, {}, lambda: self._leave(conn, group, event=False), joined
-        )
+        rollback = self._undo(conn, lambda: self._leave(conn, group, event=True))
+        self._finish(conn, cmd.id, waits, {}, rollback)
 
     def leave(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
         group = cmd.name
         assert group is not None
-        entry = self._entry(conn)
-        if group not in entry.groups:
+        if group not in self._entry(conn).groups:
             conn.ack(cmd.id)
             return
-        self._leave(conn, group, event=True)
-        waits = [node.presence_write(node.presence.leave(node.node_id, conn.cid, group))]
-        self._finish(conn, cmd.id, waits, {}, None)
+        self._leave(conn, group, event=True)  # local first: the barrier holds from here
+        self._always_ack(conn, cmd.id, node.presence.leave(node.node_id, conn.cid, group))
 
     def presence(self, conn: Connection, cmd: frames.Command) -> None:
         address = cmd.address
@@ -206,11 +203,32 @@ class Handlers:
             if event:
                 node.publish_presence(group, "leave", entry.uid, conn.cid)
 
-    def _rebind(self, conn: Connection, uid: str, old: str | None) -> None:
-        node = self.node
-        entry = node.registry.get(conn.cid)
-        if entry is not None and entry.uid == uid:  # nothing rebound it meanwhile
-            node.subs.apply(node.registry.bind(conn.cid, old))
+    def _undo(self, conn: Connection, undo: Callable[[], object]) -> Callable[[], None]:
+        """A rollback that runs only if nothing changed the connection's uid or groups since
+        (a later request's state must never be undone by an earlier request's failure)."""
+        entry = self._entry(conn)
+        version = entry.version
+
+        def rollback() -> None:
+            current = self.node.registry.get(conn.cid)
+            if current is entry and entry.version == version:
+                result = undo()
+                if isinstance(result, Interest):
+                    self.node.subs.apply(result)
+
+        return rollback
+
+    def _always_ack(self, conn: Connection, frame_id: frames.FrameId,
+                    write: Awaitable[None]) -> None:  # fmt: skip
+        """leave/logout: the local change is the barrier and they are always acked; the
+        presence write is awaited (so queries see it) and repaired by a resync if it fails."""
+
+        async def run() -> None:
+            with contextlib.suppress(PresenceUnavailable):
+                await self.node.presence_write(write)
+            conn.ack(frame_id)
+
+        self._spawn(conn, run())
 
     def _finish(
         self,
@@ -219,7 +237,6 @@ class Handlers:
         waits: Sequence[Awaitable[None]],
         result: dict[str, object],
         rollback: Callable[[], None] | None,
-        on_success: Callable[[], None] | None = None,
     ) -> None:
         """Ack once every wait succeeded; on failure undo the local change (so an error
         changes nothing) and answer ``unavailable``."""
@@ -229,11 +246,10 @@ class Handlers:
             failed = [o for o in outcome if isinstance(o, BaseException)]
             if not failed:
                 conn.ack(frame_id, **result)
-                if on_success is not None:
-                    on_success()
                 return
             if rollback is not None:
                 rollback()
+            self.node.mark_presence_dirty()  # the mirror may hold the undone change
             unexpected = [
                 o for o in failed if not isinstance(o, BrokerUnavailable | PresenceUnavailable)
             ]
@@ -241,7 +257,9 @@ class Handlers:
                 log.error("internal error: %r", unexpected[0])
                 conn.error(frame_id, Code.INTERNAL, "internal error")
             else:
-                conn.error(frame_id, Code.UNAVAILABLE, "broker unavailable")
+                what = "broker" if any(isinstance(o, BrokerUnavailable) for o in failed) else (
+                    "presence store")
+                conn.error(frame_id, Code.UNAVAILABLE, f"{what} unavailable")
 
         self._spawn(conn, run())
 

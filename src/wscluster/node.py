@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from picows import WSMsgType
 
@@ -91,6 +92,12 @@ class Node:
         log.info("draining %d connections (timeout %.1fs)", len(self.registry), cfg.drain_timeout)
         deadline = time.monotonic() + cfg.drain_timeout
         conns = [e.conn for _, e in self.registry.items()]
+        # Stop reading first, so every request already taken gets its answer before 1012.
+        for conn in conns:
+            conn.freeze()
+        settle = time.monotonic() + cfg.drain_timeout / 4
+        while any(c.inflight for c in conns) and time.monotonic() < settle:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         step = max(0.05, (cfg.drain_timeout / 2) / max(1, len(conns) // cfg.drain_batch + 1))
         for i in range(0, len(conns), cfg.drain_batch):
             late = time.monotonic() >= deadline
@@ -204,8 +211,14 @@ class Node:
             if not watchers:
                 del self._watchers[group]
 
+    def mark_presence_dirty(self) -> None:
+        """The mirror may be wrong about this node: resync it at the next heartbeat."""
+        self._presence_dirty = True
+
     def publish_presence(self, group: str, event: str, uid: str | None, cid: str) -> None:
-        payload = envelope.presence_event(group, event, uid, cid)
+        """Announce a join/leave to the group's watchers (a joiner does not get its own)."""
+        exclude = (cid,) if event == "join" else ()
+        payload = envelope.presence_event(group, event, uid, cid, exclude=exclude)
         fut = self.broker.publish_nowait(self.names.channel(f"group:{group}"), payload)
         fut.add_done_callback(_ignore_failure)
 
@@ -238,7 +251,10 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.node_heartbeat)
-            await self._heartbeat_once()
+            try:
+                await self._heartbeat_once()
+            except Exception:  # never let liveness stop silently
+                log.exception("heartbeat failed")
 
     async def _heartbeat_once(self) -> None:
         cfg = self.config
@@ -259,13 +275,17 @@ class Node:
                 self._presence_up = True
             self._presence_ok_at = time.monotonic()
             self.metrics.presence_up.set(1)
-            dead = await asyncio.wait_for(self.presence.purge_dead(), cfg.request_timeout)
         except (PresenceUnavailable, TimeoutError, OSError) as exc:
             self._presence_dirty = True
             if self._presence_up:
                 log.warning("presence store unreachable: %s", exc or type(exc).__name__)
                 self._presence_up = False
             self.metrics.presence_up.set(0)
+            return
+        try:  # a failed read must not make our own mirror look dirty
+            dead = await asyncio.wait_for(self.presence.purge_dead(), cfg.request_timeout)
+        except (PresenceUnavailable, TimeoutError, OSError) as exc:
+            log.debug("purge skipped: %s", exc)
             return
         for node in dead:
             self.metrics.purged.inc()
@@ -294,7 +314,7 @@ class Node:
             watchers = self._watchers.get(address.name, ())
             for cid in list(watchers):
                 entry = self.registry.get(cid)
-                if entry is not None:
+                if entry is not None and cid not in env.exclude:
                     entry.conn.reply(env.payload)
         elif env.op == envelope.Op.CLOSE:
             for _, conn in self.registry.receivers(address):
@@ -331,8 +351,8 @@ def _ignore_failure(fut: asyncio.Future[None]) -> None:
 
 
 def _redact(url: str) -> str:
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return url
+    """A URL fit for logs: no user info, no query (which may carry a password)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 

@@ -33,6 +33,7 @@ class Entry(Generic[C]):
     conn: C
     uid: str | None = None
     groups: set[str] = field(default_factory=set)
+    version: int = 0  # bumped by every change of uid or groups
 
 
 class Registry(Generic[C]):
@@ -107,6 +108,7 @@ class Registry(Generic[C]):
         if entry.uid == uid:
             return interest
         self._unbind(cid, entry, interest)
+        entry.version += 1
         if uid is not None:
             members = self._by_uid.get(uid)
             if members is None:
@@ -127,6 +129,7 @@ class Registry(Generic[C]):
             interest.subscribe.append(f"group:{group}")
         members[cid] = entry.conn
         entry.groups.add(group)
+        entry.version += 1
         return interest
 
     def leave(self, cid: str, group: str) -> Interest:
@@ -134,6 +137,7 @@ class Registry(Generic[C]):
         interest = Interest()
         if group in entry.groups:
             self._leave(cid, entry, group, interest)
+            entry.version += 1
         return interest
 
     # --- helpers ---------------------------------------------------------------------

@@ -191,16 +191,47 @@ async def test_sigterm_drains(
 ) -> None:
     c = make_cluster(valkey.url, 2, ["--drain-timeout", "3", "--node-heartbeat", "0.5"])
     clients = [await WS.open(c.ws_urls[1], f"d{i}{unique}") for i in range(5)]
+    receiver = await WS.open(c.ws_urls[0], f"r{unique}")  # on the node that stays
     assert (await _presence(c.api_urls[0], f"uid:d0{unique}"))["online"] is True
-    proc = c.nodes[1].proc
-    assert proc is not None
+    # requests in flight when SIGTERM lands still get their answer before the 1012
+    busy = clients[0]
+
+    async def flood() -> None:  # keeps sending while the node drains
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for i in range(20_000):
+                frame = {"type": "send", "to": f"uid:r{unique}", "data": i, "id": i}
+                await busy.send_raw(json.dumps(frame))
+
+    flooding = asyncio.create_task(flood())
+    await asyncio.sleep(0.05)
     code = await asyncio.to_thread(c.nodes[1].terminate)
     assert code == 0
-    for ws in clients:
+    await flooding
+    answered = set()
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            msg = json.loads(await busy.conn.recv())
+            if msg["type"] in ("ack", "error"):
+                answered.add(msg["id"])
+    for msg in busy.pushed:
+        if msg["type"] in ("ack", "error"):
+            answered.add(msg["id"])
+    # every frame the node read was answered; frames it never read got nothing (the
+    # client knows those were not taken)
+    assert answered == set(range(len(answered))), "a request was taken but not answered"
+    assert len(answered) > 0
+    assert busy.conn.close_code == 1012
+    for ws in clients[1:]:
         with pytest.raises(websockets.ConnectionClosed) as info:
             await ws.next(5)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1012
         assert "retry_ms" in json.loads(info.value.rcvd.reason)
+    delivered: set[int] = set()
+    with contextlib.suppress(TimeoutError):
+        while True:
+            delivered.add((await receiver.next(1, type="message"))["data"])
+    assert delivered, "nothing was sent before the drain"
+    assert delivered <= answered, f"{len(delivered - answered)} sent but never acked"
     assert (await _presence(c.api_urls[0], f"uid:d0{unique}"))["online"] is False
     assert len((await _stats(c.api_urls[0]))["nodes"]) == 1  # type: ignore[arg-type]
     assert "draining 5 connections" in c.nodes[1].log()
@@ -252,6 +283,17 @@ async def test_repeated_abuse_closes_1008(cluster: Cluster) -> None:
         while True:
             await ws.next(10)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+
+
+async def test_close_without_code_is_answered_1000(cluster: Cluster) -> None:
+    reader, writer = await _raw_ws(cluster.nodes[0].port)
+    assert (await _read_frame(reader))[0] == 0x1  # welcome
+    writer.write(bytes([0x88, 0x80]) + b"\x00\x00\x00\x00")  # masked close, no payload
+    opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1000
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 async def test_unanswered_pings_drop_the_client(

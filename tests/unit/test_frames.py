@@ -27,6 +27,8 @@ def test_valid_frames() -> None:
     [
         (b"{not json", Code.BAD_JSON, None),
         (b'{"type": "\xff"}', Code.BAD_JSON, None),
+        (b'{"type": "send", "to": "all", "data": "\xff\xfe", "id": 1}', Code.BAD_JSON, None),
+        (b'{"type": "ping", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}", Code.BAD_JSON, None),
         (b"[1, 2]", Code.BAD_REQUEST, None),
         (b'"text"', Code.BAD_REQUEST, None),
         (b'{"id": 3}', Code.BAD_REQUEST, 3),

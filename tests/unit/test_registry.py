@@ -55,3 +55,19 @@ def test_rebind_moves_the_connection() -> None:
     entry, interest = reg.remove("n.1")
     assert interest.unsubscribe == ["group:g"]
     assert entry is not None and entry.groups == {"g"} and entry.uid is None
+
+
+def test_version_counts_changes_only() -> None:
+    reg: Registry[str] = Registry()
+    reg.add("n.1", "c1")
+    entry = reg.get("n.1")
+    assert entry is not None and entry.version == 0
+    reg.bind("n.1", "a")
+    reg.bind("n.1", "a")  # no change
+    reg.join("n.1", "g")
+    reg.join("n.1", "g")  # no change
+    reg.leave("n.1", "x")  # not a member: no change
+    assert entry.version == 2
+    reg.leave("n.1", "g")
+    reg.bind("n.1", None)
+    assert entry.version == 4

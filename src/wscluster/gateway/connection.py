@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 ABUSE_CLOSE = 1008
 SLOW_CONSUMER_CLOSE = 1013
 _ABORT_AFTER = 2.0  # seconds between our close frame and dropping the TCP link
+# Codes a peer may not put on the wire (RFC 6455 7.4.1): answered with 1000 instead.
+_NOT_ECHOED = frozenset({WSCloseCode.NO_INFO, WSCloseCode.ABNORMAL_CLOSURE})
 
 
 class ConnectionHost(Protocol):
@@ -47,6 +49,7 @@ class Connection(WSListener):
         self.congested = False
         self.inflight = 0  # requests waiting for the broker or presence store
         self.reading_paused = False
+        self.frozen = False  # reading stopped for good (drain)
         self._frag: bytearray | None = None
         self._frag_binary = False
         cfg = host.config
@@ -83,7 +86,8 @@ class Connection(WSListener):
             if not self.closing:  # the client started the closing handshake: answer it
                 self.closing = True
                 code = frame.get_close_code()
-                transport.send_close(code if isinstance(code, WSCloseCode) else WSCloseCode.OK)
+                valid = isinstance(code, WSCloseCode) and code not in _NOT_ECHOED
+                transport.send_close(code if valid else WSCloseCode.OK)
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -157,6 +161,9 @@ class Connection(WSListener):
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
         transport.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
+        if self.reading_paused:  # read again to see the peer's close frame (data is dropped)
+            self.reading_paused = False
+            transport.underlying_transport.resume_reading()
         asyncio.get_running_loop().call_later(
             _ABORT_AFTER, transport.underlying_transport.abort
         )
@@ -166,10 +173,19 @@ class Connection(WSListener):
         """A request finished its I/O (a send was handed to the broker, a join confirmed, or
         either failed): maybe resume reading."""
         self.inflight -= 1
+        if self.frozen:
+            return
         if self.reading_paused and self.inflight <= self.host.config.max_inflight // 2:
             self.reading_paused = False
             if self.transport is not None and not self.closing:
                 self.transport.underlying_transport.resume_reading()
+
+    def freeze(self) -> None:
+        """Read no more frames (drain): what is in flight still gets its answer."""
+        self.frozen = True
+        if not self.reading_paused and self.transport is not None and not self.closing:
+            self.reading_paused = True
+            self.transport.underlying_transport.pause_reading()
 
     def sending(self) -> None:
         self.inflight += 1

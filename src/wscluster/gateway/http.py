@@ -4,6 +4,7 @@ Bound to 127.0.0.1 unless --api-host says otherwise; --api-key guards every /api
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from .websocket import health_body
 if TYPE_CHECKING:
     from ..node import Node
 
+log = logging.getLogger("wscluster.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
 CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
@@ -43,11 +45,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return _error(401, Code.FORBIDDEN, "missing or wrong API key")
     try:
         return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, Code.TOO_LARGE, "request body too large")
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404, 405)
     except ProtocolError as exc:
         status = 413 if exc.code is Code.TOO_LARGE else 400
         return _error(status, exc.code, exc.message)
-    except (BrokerUnavailable, PresenceUnavailable, TimeoutError):
+    except BrokerUnavailable:
         return _error(503, Code.UNAVAILABLE, "broker unavailable")
+    except (PresenceUnavailable, TimeoutError):
+        return _error(503, Code.UNAVAILABLE, "presence store unavailable")
+    except Exception:
+        log.exception("internal error on %s", request.path)
+        return _error(500, Code.INTERNAL, "internal error")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -56,6 +67,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ProtocolError(Code.BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise ProtocolError(Code.BAD_JSON, "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise bad_request("body must be a JSON object")
     return obj

@@ -22,8 +22,15 @@ from .connection import Connection
 if TYPE_CHECKING:
     from ..node import Node
 
-# picows logs every connection at INFO: too chatty for production.
-logging.getLogger("picows").setLevel(logging.WARNING)
+class _PeerNoise(logging.Filter):
+    """picows logs every connection at INFO and every client protocol error at ERROR: a
+    client could flood the log. Keep only records that carry an exception (a bug of ours)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is not None
+
+
+logging.getLogger("picows").addFilter(_PeerNoise())
 
 _READ_BUFFER = 2048
 

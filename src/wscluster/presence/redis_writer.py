@@ -19,6 +19,7 @@ from wscluster.errors import PresenceUnavailable
 log = logging.getLogger("wscluster.presence")
 
 SCRIPT_CMDS = 5_000  # commands per script call (a writer batch is up to 4 calls)
+MAX_QUEUED_OPS = 100_000  # writes waiting for a store that does not answer
 ERRORS = (RedisError, OSError, TimeoutError)
 
 # KEYS[1] with ARGV[1] '1': a guard, do nothing (return nil) if that alive key exists.
@@ -115,6 +116,9 @@ class BatchWriter:
             raise PresenceUnavailable("RedisPresence is not started")
         self._seq += 1
         op = _Op(node_id, asyncio.get_running_loop().create_future(), cmds or [], run, self._seq)
+        if len(self._queue) >= MAX_QUEUED_OPS:  # the store hangs: refuse rather than pile up
+            self._mark_dirty(op)
+            raise PresenceUnavailable("presence write queue full")
         self._queue.append(op)
         self._wake.set()
         try:  # exclusive ops (run) take several round trips, more with more connections
