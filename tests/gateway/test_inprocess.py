@@ -67,3 +67,39 @@ async def _closed_code(ws: WS) -> int | None:
     with pytest.raises(websockets.ConnectionClosed):
         await ws.next(2)
     return ws.conn.close_code
+
+
+async def test_a_failed_request_never_undoes_a_later_one(nodes: list[Node]) -> None:
+    """The rollback of a failed join/login runs only if nothing changed the connection
+    since; otherwise the later request's state (already acked) is kept."""
+    a = await WS.open(url(nodes[0]), "alice")
+    node = nodes[0]
+    entry = node.registry.get(a.client_id)
+    assert entry is not None
+    undone: list[str] = []
+    stale = node.handlers._undo(entry.conn, lambda: undone.append("stale"))
+    fresh = node.handlers._undo(entry.conn, lambda: undone.append("fresh"))
+    fresh()  # nothing happened since: it runs
+    await a.ok({"type": "join", "group": "later"})  # a later request changes the entry
+    stale()  # must not run now
+    assert undone == ["fresh"]
+    assert "later" in entry.groups
+
+
+async def test_join_while_the_broker_is_down_changes_nothing(nodes: list[Node]) -> None:
+    node = nodes[0]
+    a = await WS.open(url(node), "alice")
+    node.broker.hub.set_down(True)  # type: ignore[attr-defined]
+    try:
+        err = await a.request({"type": "join", "group": "g"}, timeout=15)  # waits ~5 s
+        assert err["type"] == "error" and err["code"] == "unavailable"
+        entry = node.registry.get(a.client_id)
+        assert entry is not None and entry.groups == set()
+        assert "g" not in set(node.registry.groups())
+        sent = await a.request({"type": "send", "to": "uid:alice", "data": 1})
+        assert sent["code"] == "unavailable"
+        left = await a.request({"type": "leave", "group": "g"})  # always acked
+        assert left["type"] == "ack"
+    finally:
+        node.broker.hub.set_down(False)  # type: ignore[attr-defined]
+    await a.ok({"type": "join", "group": "g"}, timeout=10)  # works again once it is back
