@@ -145,8 +145,13 @@ async def test_full_node_refuses_with_503(valkey: EmbeddedRedis, make_cluster: M
         await WS.open(c.ws_urls[0])
     assert info.value.response.status_code == 503
     await conns[0].close()
-    await asyncio.sleep(0.2)
-    conns[0] = await WS.open(c.ws_urls[0])  # room again
+    async with asyncio.timeout(5):  # room again once the node has seen the close
+        while True:
+            try:
+                conns[0] = await WS.open(c.ws_urls[0])
+                break
+            except websockets.InvalidStatus:
+                await asyncio.sleep(0.05)
     for ws in conns:
         await ws.close()
 
@@ -156,12 +161,15 @@ async def test_slow_consumer_closed_1013_others_unaffected(
 ) -> None:
     c = make_cluster(valkey.url, 2, ["--max-outbox", "262144"])
     g = f"g{unique}"
-    # the slow one: a raw socket that completes the handshake and never reads again
-    _, writer = await _raw_ws(c.nodes[0].port)
-    frame = json.dumps({"type": "join", "group": g}).encode()
+    # the slow one: a raw socket that completes the handshake, joins, and never reads again
+    reader, writer = await _raw_ws(c.nodes[0].port)
+    frame = json.dumps({"type": "join", "group": g, "id": 1}).encode()
     mask = b"\x00\x00\x00\x00"
     writer.write(bytes([0x81, 0x80 | len(frame)]) + mask + frame)
     await writer.drain()
+    async with asyncio.timeout(5):  # welcome, then the join's ack: it is a member now
+        while b'"ack"' not in (await _read_frame(reader))[1]:
+            pass
     fast = await WS.open(c.ws_urls[0], f"fast{unique}")
     await fast.ok({"type": "join", "group": g})
     sender = await WS.open(c.ws_urls[1], f"s{unique}")
