@@ -53,6 +53,7 @@ from wscluster.broker.nats_link import (
     subject_channel,
     too_long,
 )
+from wscluster.broker.state import LinkState
 from wscluster.errors import BrokerUnavailable
 
 __all__ = ["MAX_CHANNEL_BYTES", "NatsBroker", "channel_subject", "subject_channel"]
@@ -77,7 +78,6 @@ class NatsBroker:
         self._publish_timeout = publish_timeout
         self._max_pending = max_pending_bytes
         self._on_message: MessageHandler | None = None
-        self._on_state: StateHandler | None = None
         self._desired: dict[str, None] = {}
         self._queue: deque[Item] = deque()
         self._inflight: deque[Item] = deque()
@@ -88,15 +88,13 @@ class NatsBroker:
         self._link: Link | None = None  # set while the connection is up
         self._link_ready = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._connected = False
-        self._up = asyncio.Event()
-        self._down_since: float | None = None
+        self._state = LinkState(self._where)
         self._last_error = "no answer"
 
     # --- Broker API -----------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._state.connected
 
     @property
     def pending_bytes(self) -> int:
@@ -107,15 +105,9 @@ class NatsBroker:
     ) -> None:
         if self._task is not None or self._closing:
             raise RuntimeError("NatsBroker.start() may be called once")
-        self._on_message, self._on_state = on_message, on_state
+        self._on_message, self._state.on_state = on_message, on_state
         self._task = asyncio.create_task(self._run(), name="wsc-broker-nats")
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._up.wait()
-        except TimeoutError:
-            self._down_since = asyncio.get_running_loop().time() - self._connect_timeout
-            msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
-            log.warning(msg, self._where, self._connect_timeout, self._last_error)
+        await self._state.wait_first(self._connect_timeout, lambda: self._last_error)
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -187,7 +179,7 @@ class NatsBroker:
         if self._closing:
             return
         self._closing = True
-        self._connected = False
+        self._state.connected = False
         self._link_ready.set()  # wake subscribe waiters so that they see the broker closed
         self._stopped.set()
         if self._link is not None:
@@ -352,21 +344,4 @@ class NatsBroker:
     def _update_state(self, reason: str) -> None:
         link = self._link
         up = link is not None and link.ready and not link.lost.is_set() and not self._closing
-        if up == self._connected:
-            return
-        self._connected = up
-        now = asyncio.get_running_loop().time()
-        if up:
-            self._up.set()
-            if self._down_since is not None:
-                log.info("broker back after %.1f s", now - self._down_since)
-            self._down_since = None
-        else:
-            self._up.clear()
-            self._down_since = now
-            log.warning("broker lost: %s (%s)", reason, self._where)
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("on_state handler failed")
+        self._state.set(up, reason)

@@ -55,6 +55,7 @@ from wscluster.broker.rabbitmq_link import (
     Subscriber,
     routing_key,
 )
+from wscluster.broker.state import LinkState
 
 __all__ = [
     "EXCHANGE",
@@ -88,7 +89,6 @@ class RabbitMQBroker:
         port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
         self._where = f"{parsed.host}:{port}{parsed.path}"  # for logs: never the password
         self._connect_timeout = connect_timeout
-        self._on_state: StateHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         link_url = str(parsed)
@@ -97,14 +97,12 @@ class RabbitMQBroker:
         )
         self._sub = Subscriber(link_url, connect_timeout, self._update_state)
         # state
-        self._connected = False
-        self._up = asyncio.Event()
-        self._down_since: float | None = None
+        self._state = LinkState(self._where)
 
     # --- Broker API -----------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._state.connected
 
     @property
     def pending_bytes(self) -> int:
@@ -115,19 +113,13 @@ class RabbitMQBroker:
     ) -> None:
         if self._tasks or self._closing:
             raise RuntimeError("RabbitMQBroker.start() may be called once")
-        self._sub.on_message, self._on_state = on_message, on_state
+        self._sub.on_message, self._state.on_state = on_message, on_state
         self._tasks = [
             asyncio.create_task(self._pub.run(), name="wsc-broker-pub"),
             asyncio.create_task(self._sub.run(), name="wsc-broker-sub"),
         ]
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._up.wait()
-        except TimeoutError:
-            self._down_since = asyncio.get_running_loop().time() - self._connect_timeout
-            why = self._pub.last_error or self._sub.last_error or "no answer"
-            msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
-            log.warning(msg, self._where, self._connect_timeout, why)
+        why = lambda: self._pub.last_error or self._sub.last_error or ""  # noqa: E731
+        await self._state.wait_first(self._connect_timeout, why)
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
         return self._pub.publish_nowait(channel, payload)
@@ -145,7 +137,7 @@ class RabbitMQBroker:
         if self._closing:
             return
         self._closing = self._pub.closing = self._sub.closing = True
-        self._pub.up = self._sub.up = self._connected = False
+        self._pub.up = self._sub.up = self._state.connected = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -155,21 +147,4 @@ class RabbitMQBroker:
     # --- state ------------------------------------------------------------------------
     def _update_state(self, reason: str = "") -> None:
         up = self._pub.up and self._sub.up and not self._closing
-        if up == self._connected:
-            return
-        self._connected = up
-        now = asyncio.get_running_loop().time()
-        if up:
-            self._up.set()
-            if self._down_since is not None:
-                log.info("broker back after %.1f s", now - self._down_since)
-            self._down_since = None
-        else:
-            self._up.clear()
-            self._down_since = now
-            log.warning("broker lost: %s (%s)", reason, self._where)
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("on_state handler failed")
+        self._state.set(up, reason)

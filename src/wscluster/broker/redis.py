@@ -26,6 +26,7 @@ from wscluster.broker.base import MessageHandler, StateHandler
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector
 from wscluster.broker.redis_pub import MAX_BATCH, MAX_BATCH_BYTES, Publisher
 from wscluster.broker.redis_sub import SUBSCRIBE_BATCH, Subscriber
+from wscluster.broker.state import LinkState
 
 __all__ = [
     "MAX_BATCH",
@@ -53,22 +54,18 @@ class RedisBroker:
         self._connector = Connector(url, connect_timeout)
         self._where = self._connector.where  # for logs: never the password
         self._connect_timeout = connect_timeout
-        self._on_state: StateHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._pub = Publisher(
             self._connector, publish_timeout, max_pending_bytes, self._update_state
         )
         self._sub = Subscriber(self._connector, self._update_state, self._pub.check_now)
-        # state
-        self._connected = False
-        self._up = asyncio.Event()
-        self._down_since: float | None = None
+        self._state = LinkState(self._where)
 
     # --- Broker API -----------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._state.connected
 
     @property
     def pending_bytes(self) -> int:
@@ -79,18 +76,12 @@ class RedisBroker:
     ) -> None:
         if self._tasks or self._closing:
             raise RuntimeError("RedisBroker.start() may be called once")
-        self._sub.on_message, self._on_state = on_message, on_state
+        self._sub.on_message, self._state.on_state = on_message, on_state
         self._tasks = [
             asyncio.create_task(self._pub.run(), name="wsc-broker-pub"),
             asyncio.create_task(self._sub.run(), name="wsc-broker-sub"),
         ]
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._up.wait()
-        except TimeoutError:
-            self._down_since = asyncio.get_running_loop().time() - self._connect_timeout
-            msg = "broker lost: %s not reachable within %.1f s, retrying in the background"
-            log.warning(msg, self._where, self._connect_timeout)
+        await self._state.wait_first(self._connect_timeout, lambda: "")
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
         return self._pub.publish_nowait(channel, payload)
@@ -108,7 +99,7 @@ class RedisBroker:
         if self._closing:
             return
         self._closing = self._pub.closing = self._sub.closing = True
-        self._pub.up = self._sub.up = self._connected = False
+        self._pub.up = self._sub.up = self._state.connected = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -118,21 +109,4 @@ class RedisBroker:
     # --- state ------------------------------------------------------------------------
     def _update_state(self, reason: str = "") -> None:
         up = self._pub.up and self._sub.up and not self._closing
-        if up == self._connected:
-            return
-        self._connected = up
-        now = asyncio.get_running_loop().time()
-        if up:
-            self._up.set()
-            if self._down_since is not None:
-                log.info("broker back after %.1f s", now - self._down_since)
-            self._down_since = None
-        else:
-            self._up.clear()
-            self._down_since = now
-            log.warning("broker lost: %s (%s)", reason, self._where)
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("on_state handler failed")
+        self._state.set(up, reason)

@@ -1,0 +1,54 @@
+"""A broker's link state, shared by every implementation: one "broker lost" warning and one
+"broker back after X s" line per outage, waiters woken, and the node told (``on_state``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from wscluster.broker.base import StateHandler
+
+log = logging.getLogger("wscluster.broker")
+
+
+class LinkState:
+    def __init__(self, where: str) -> None:
+        self.where = where  # for logs: host and port, never a password
+        self.connected = False
+        self.on_state: StateHandler | None = None
+        self._up = asyncio.Event()
+        self._down_since: float | None = None
+
+    def set(self, up: bool, reason: str = "") -> None:
+        """Record the state; transitions are logged and reported, repeats are ignored."""
+        if up == self.connected:
+            return
+        self.connected = up
+        now = time.monotonic()
+        if up:
+            self._up.set()
+            if self._down_since is not None:
+                log.info("broker back after %.1f s", now - self._down_since)
+            self._down_since = None
+        else:
+            self._up.clear()
+            self._down_since = now
+            log.warning("broker lost: %s (%s)", reason, self.where)
+        if self.on_state is not None:
+            try:
+                self.on_state(up)
+            except Exception:
+                log.exception("on_state handler failed")
+
+    async def wait_first(self, within: float, why: Callable[[], str]) -> None:
+        """start(): wait for the first connection; past the timeout say so once and let the
+        background loops keep trying."""
+        try:
+            async with asyncio.timeout(within):
+                await self._up.wait()
+        except TimeoutError:
+            self._down_since = time.monotonic() - within
+            msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
+            log.warning(msg, self.where, within, why() or "no answer")
