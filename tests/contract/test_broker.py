@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from wscluster.broker import Broker, create_broker
 from wscluster.broker.memory import MemoryBroker, get_hub
 from wscluster.broker.redis import RedisBroker
-from wscluster.embedded import EmbeddedRedis, free_port
+from wscluster.embedded import ChildServer, EmbeddedRedis, free_port
 from wscluster.errors import BrokerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,6 +120,19 @@ async def cluster(request: pytest.FixtureRequest, namespace: str) -> AsyncIterat
     url = f"memory://{namespace}" if fixture is None else request.getfixturevalue(fixture)
     c = Cluster(url, namespace)
     yield c
+    await c.aclose()
+
+
+@pytest.fixture(params=[b for b in ("redis", "nats") if b in BACKENDS])
+async def private(
+    request: pytest.FixtureRequest, namespace: str
+) -> AsyncIterator[tuple[ChildServer, Cluster]]:
+    """A server of this test's own (it may be frozen or killed) and brokers on it."""
+    server: ChildServer = request.getfixturevalue(
+        "own_valkey" if request.param == "redis" else "own_nats"
+    )
+    c = Cluster(server.url, namespace)
+    yield server, c
     await c.aclose()
 
 
@@ -379,14 +392,13 @@ async def test_redis_down_at_start(namespace: str) -> None:
         server.cleanup()
 
 
-async def test_redis_frozen_server_is_detected(
-    own_valkey: EmbeddedRedis, own_cluster: Cluster
-) -> None:
+async def test_frozen_server_is_detected(private: tuple[ChildServer, Cluster]) -> None:
     """A server that stops answering (SIGSTOP: TCP stays up) is declared lost within ~5 s."""
+    server, cluster = private
     inbox = Inbox()
-    sub = await own_cluster.make(inbox, connect_timeout=1.0)
-    await sub.subscribe([own_cluster.ch("f")])
-    pid = own_valkey.pid
+    sub = await cluster.make(inbox, connect_timeout=1.0)
+    await sub.subscribe([cluster.ch("f")])
+    pid = server.pid
     assert pid is not None
     await freeze(pid)
     try:
@@ -398,32 +410,34 @@ async def test_redis_frozen_server_is_detected(
     await until(lambda: inbox.states[-1:] == [True] and sub.connected)
 
 
-async def test_redis_in_flight_messages_fail_when_link_breaks(
-    own_valkey: EmbeddedRedis, own_cluster: Cluster
+async def test_in_flight_messages_fail_when_link_breaks(
+    private: tuple[ChildServer, Cluster],
 ) -> None:
     """Messages sent but not acknowledged when the server dies fail; none resolves as sent."""
-    pub = await own_cluster.make()
-    ch = own_cluster.ch("inflight")
+    server, cluster = private
+    pub = await cluster.make()
+    ch = cluster.ch("inflight")
     await pub.publish(ch, b"warm-up")
-    pid = own_valkey.pid
+    pid = server.pid
     assert pid is not None
     await freeze(pid)
     try:
         futs = [pub.publish_nowait(ch, b"x" * 1000) for _ in range(200)]
-        await asyncio.sleep(0.2)  # written to the socket, no replies yet
+        await asyncio.sleep(0.2)  # written to the socket, no acknowledgement yet
         assert pub.pending_bytes == 200_000 and not any(f.done() for f in futs)
     finally:
-        await asyncio.to_thread(own_valkey.stop, kill=True)  # SIGKILL works on a stopped process
+        await asyncio.to_thread(server.stop, kill=True)  # SIGKILL works on a stopped process
     results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), WAIT)
     assert all(isinstance(r, BrokerUnavailable) for r in results)
     assert pub.pending_bytes == 0
 
 
-async def test_redis_publish_timeout(own_valkey: EmbeddedRedis, own_cluster: Cluster) -> None:
-    pub = await own_cluster.make(publish_timeout=0.5, connect_timeout=1.0)
-    ch = own_cluster.ch("slow")
+async def test_publish_timeout(private: tuple[ChildServer, Cluster]) -> None:
+    server, cluster = private
+    pub = await cluster.make(publish_timeout=0.5, connect_timeout=1.0)
+    ch = cluster.ch("slow")
     await pub.publish(ch, b"warm-up")
-    pid = own_valkey.pid
+    pid = server.pid
     assert pid is not None
     await freeze(pid)
     try:
