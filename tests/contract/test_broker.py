@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from wscluster.broker import Broker, create_broker
 from wscluster.broker.memory import MemoryBroker, get_hub
 from wscluster.broker.redis import RedisBroker
-from wscluster.embedded import ChildServer, EmbeddedRedis, free_port
+from wscluster.embedded import ChildServer, EmbeddedNats, EmbeddedRedis
 from wscluster.errors import BrokerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -362,12 +362,13 @@ async def test_redis_client_kill_pubsub(own_valkey: EmbeddedRedis, own_cluster: 
     assert {c for c, _ in inbox.messages} == set(chans)
 
 
-async def test_redis_down_at_start(namespace: str) -> None:
-    port = free_port()
-    server = EmbeddedRedis(port=port)
+@pytest.mark.parametrize("kind", [b for b in ("redis", "nats") if b in BACKENDS])
+async def test_down_at_start(kind: str, namespace: str) -> None:
+    server: ChildServer = EmbeddedRedis() if kind == "redis" else EmbeddedNats()
     inbox, pub_states = Inbox(), Inbox()
-    url = f"redis://127.0.0.1:{port}/0"
-    pub, sub = RedisBroker(url, connect_timeout=0.3), RedisBroker(url, connect_timeout=0.3)
+    url = server.url
+    pub = create_broker(url, connect_timeout=0.3)
+    sub = create_broker(url, connect_timeout=0.3)
     ch = f"{namespace}:s"
     try:
         t0 = time.monotonic()
