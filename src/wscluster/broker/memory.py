@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.state import LinkState
 from wscluster.errors import BrokerUnavailable
 
 log = logging.getLogger("wscluster.broker")
@@ -96,19 +97,16 @@ class MemoryBroker:
         self._publish_timeout = publish_timeout
         self._max_pending = max_pending_bytes
         self._on_message: MessageHandler | None = None
-        self._on_state: StateHandler | None = None
+        self._state = LinkState(f"memory hub {self.hub.name!r}")
         self._desired: set[str] = set()
         self._outbox: deque[_Item] = deque()
         self._pending_bytes = 0
         self._flush_scheduled = False
         self._started = self._closed = False
-        self._connected = False
-        self._up = asyncio.Event()
-        self._down_since: float | None = None
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._state.connected
 
     @property
     def pending_bytes(self) -> int:
@@ -120,24 +118,18 @@ class MemoryBroker:
         if self._started or self._closed:
             raise RuntimeError("MemoryBroker.start() may be called once")
         self._started = True
-        self._on_message, self._on_state = on_message, on_state
+        self._on_message, self._state.on_state = on_message, on_state
         self.hub._members[self] = None
         if not self.hub.down:
             self._hub_state(True)
             return
-        self._down_since = asyncio.get_running_loop().time()
-        log.warning("broker lost: memory hub %r is down", self.hub.name)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._up.wait()
-        except TimeoutError:
-            pass
+        await self._state.wait_first(self._connect_timeout, lambda: "hub is down")
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         size = len(payload)
-        if not self._connected or self._closed:
+        if not self._state.connected or self._closed:
             fut.set_exception(BrokerUnavailable("broker not connected"))
         elif self._pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
@@ -157,16 +149,12 @@ class MemoryBroker:
             raise BrokerUnavailable("broker closed")
         todo = list(dict.fromkeys(channels))
         self._desired.update(todo)
-        if self._connected:
+        if self._state.connected:
             self.hub._add(self, todo)
             return
-        try:  # restored by _hub_state(True) when the hub comes back
-            async with asyncio.timeout(self._connect_timeout):
-                await self._up.wait()
-        except TimeoutError:
-            raise BrokerUnavailable(
-                f"subscription not confirmed within {self._connect_timeout} s"
-            ) from None
+        # restored by _hub_state(True) when the hub comes back
+        if not await self._state.wait_up(self._connect_timeout):
+            raise BrokerUnavailable(f"subscription not confirmed within {self._connect_timeout} s")
         if self._closed:
             raise BrokerUnavailable("broker closed")
 
@@ -179,8 +167,7 @@ class MemoryBroker:
         if self._closed:
             return
         self._closed = True
-        self._connected = False
-        self._up.set()  # wake waiters so that they see the broker is closed
+        self._state.wake()  # waiters must see the broker is closed
         self.hub._remove(self, list(self._desired))
         self.hub._members.pop(self, None)
         self._fail_outbox("broker closed")
@@ -217,23 +204,6 @@ class MemoryBroker:
             return
         if up:
             self.hub._add(self, list(self._desired))
-            self._up.set()
         else:
-            self._up.clear()
             self._fail_outbox(f"memory hub {self.hub.name!r} is down")
-        if up == self._connected:
-            return
-        self._connected = up
-        now = asyncio.get_running_loop().time()
-        if up:
-            if self._down_since is not None:
-                log.info("broker back after %.1f s", now - self._down_since)
-            self._down_since = None
-        else:
-            self._down_since = now
-            log.warning("broker lost: memory hub %r is down", self.hub.name)
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("on_state handler failed")
+        self._state.set(up, "hub is down")

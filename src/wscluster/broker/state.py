@@ -42,13 +42,24 @@ class LinkState:
             except Exception:
                 log.exception("on_state handler failed")
 
-    async def wait_first(self, within: float, why: Callable[[], str]) -> None:
-        """start(): wait for the first connection; past the timeout say so once and let the
-        background loops keep trying."""
+    async def wait_up(self, within: float) -> bool:
+        """Wait until connected (or woken by ``wake``); False after ``within`` seconds."""
         try:
             async with asyncio.timeout(within):
                 await self._up.wait()
         except TimeoutError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Release every waiter (on close: they must see the broker is gone)."""
+        self.connected = False
+        self._up.set()
+
+    async def wait_first(self, within: float, why: Callable[[], str]) -> None:
+        """start(): wait for the first connection; past the timeout say so once and let the
+        background loops keep trying."""
+        if not await self.wait_up(within):
             self._down_since = time.monotonic() - within
             msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
             log.warning(msg, self.where, within, why() or "no answer")
