@@ -39,13 +39,9 @@ and a publish by its ``publish_timeout``. Transitions are logged on ``wscluster.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Sequence
-
 from yarl import URL
 
-from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.pair import PairBroker
 from wscluster.broker.rabbitmq_link import (
     EXCHANGE,
     MAX_BATCH,
@@ -55,7 +51,6 @@ from wscluster.broker.rabbitmq_link import (
     Subscriber,
     routing_key,
 )
-from wscluster.broker.state import LinkState
 
 __all__ = [
     "EXCHANGE",
@@ -67,13 +62,15 @@ __all__ = [
     "routing_key",
 ]
 
-log = logging.getLogger("wscluster.broker")
 
 HEARTBEAT = 2  # seconds, unless the URL sets ?heartbeat=
 
 
-class RabbitMQBroker:
+class RabbitMQBroker(PairBroker):
     """The ``Broker`` role over RabbitMQ (``amqp://``, ``amqps://``)."""
+
+    _pub: Publisher
+    _sub: Subscriber
 
     def __init__(
         self,
@@ -87,64 +84,12 @@ class RabbitMQBroker:
         if "heartbeat" not in parsed.query:
             parsed = parsed.update_query(heartbeat=HEARTBEAT)
         port = parsed.port or (5671 if parsed.scheme == "amqps" else 5672)
-        self._where = f"{parsed.host}:{port}{parsed.path}"  # for logs: never the password
-        self._connect_timeout = connect_timeout
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
+        super().__init__(f"{parsed.host}:{port}{parsed.path}", connect_timeout)
         link_url = str(parsed)
         self._pub = Publisher(
             link_url, connect_timeout, publish_timeout, max_pending_bytes, self._update_state
         )
         self._sub = Subscriber(link_url, connect_timeout, self._update_state)
-        # state
-        self._state = LinkState(self._where)
 
-    # --- Broker API -----------------------------------------------------------------
-    @property
-    def connected(self) -> bool:
-        return self._state.connected
-
-    @property
-    def pending_bytes(self) -> int:
-        return self._pub.pending_bytes
-
-    async def start(
-        self, on_message: MessageHandler | None = None, on_state: StateHandler | None = None
-    ) -> None:
-        if self._tasks or self._closing:
-            raise RuntimeError("RabbitMQBroker.start() may be called once")
-        self._sub.on_message, self._state.on_state = on_message, on_state
-        self._tasks = [
-            asyncio.create_task(self._pub.run(), name="wsc-broker-pub"),
-            asyncio.create_task(self._sub.run(), name="wsc-broker-sub"),
-        ]
-        why = lambda: self._pub.last_error or self._sub.last_error or ""  # noqa: E731
-        await self._state.wait_first(self._connect_timeout, why)
-
-    def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
-        return self._pub.publish_nowait(channel, payload)
-
-    async def publish(self, channel: str, payload: bytes) -> None:
-        await self.publish_nowait(channel, payload)
-
-    async def subscribe(self, channels: Sequence[str]) -> None:
-        await self._sub.subscribe(list(channels))
-
-    async def unsubscribe(self, channels: Sequence[str]) -> None:
-        await self._sub.unsubscribe(list(channels))
-
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = self._pub.closing = self._sub.closing = True
-        self._pub.up = self._sub.up = self._state.connected = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pub.fail_publishes("broker closed")
-        self._sub.fail_waiters("broker closed")
-
-    # --- state ------------------------------------------------------------------------
-    def _update_state(self, reason: str = "") -> None:
-        up = self._pub.up and self._sub.up and not self._closing
-        self._state.set(up, reason)
+    def _why_down(self) -> str:
+        return self._pub.last_error or self._sub.last_error or ""

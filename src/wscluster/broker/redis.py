@@ -18,15 +18,10 @@ never. redis-py's ``PubSub`` is not used: the broker owns its reader and resubsc
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Sequence
-
-from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.pair import PairBroker
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector
 from wscluster.broker.redis_pub import MAX_BATCH, MAX_BATCH_BYTES, Publisher
 from wscluster.broker.redis_sub import SUBSCRIBE_BATCH, Subscriber
-from wscluster.broker.state import LinkState
 
 __all__ = [
     "MAX_BATCH",
@@ -37,10 +32,9 @@ __all__ = [
     "RedisBroker",
 ]
 
-log = logging.getLogger("wscluster.broker")
 
 
-class RedisBroker:
+class RedisBroker(PairBroker):
     """The ``Broker`` role over Redis pub/sub (``redis://``, ``rediss://``, ``unix://``)."""
 
     def __init__(
@@ -52,61 +46,8 @@ class RedisBroker:
         max_pending_bytes: int = 64 << 20,
     ) -> None:
         self._connector = Connector(url, connect_timeout)
-        self._where = self._connector.where  # for logs: never the password
-        self._connect_timeout = connect_timeout
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
+        super().__init__(self._connector.where, connect_timeout)
         self._pub = Publisher(
             self._connector, publish_timeout, max_pending_bytes, self._update_state
         )
         self._sub = Subscriber(self._connector, self._update_state, self._pub.check_now)
-        self._state = LinkState(self._where)
-
-    # --- Broker API -----------------------------------------------------------------
-    @property
-    def connected(self) -> bool:
-        return self._state.connected
-
-    @property
-    def pending_bytes(self) -> int:
-        return self._pub.pending_bytes
-
-    async def start(
-        self, on_message: MessageHandler | None = None, on_state: StateHandler | None = None
-    ) -> None:
-        if self._tasks or self._closing:
-            raise RuntimeError("RedisBroker.start() may be called once")
-        self._sub.on_message, self._state.on_state = on_message, on_state
-        self._tasks = [
-            asyncio.create_task(self._pub.run(), name="wsc-broker-pub"),
-            asyncio.create_task(self._sub.run(), name="wsc-broker-sub"),
-        ]
-        await self._state.wait_first(self._connect_timeout, lambda: "")
-
-    def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
-        return self._pub.publish_nowait(channel, payload)
-
-    async def publish(self, channel: str, payload: bytes) -> None:
-        await self.publish_nowait(channel, payload)
-
-    async def subscribe(self, channels: Sequence[str]) -> None:
-        await self._sub.subscribe(channels)
-
-    async def unsubscribe(self, channels: Sequence[str]) -> None:
-        await self._sub.unsubscribe(channels)
-
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = self._pub.closing = self._sub.closing = True
-        self._pub.up = self._sub.up = self._state.connected = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pub.fail_publishes("broker closed")
-        self._sub.fail_waiters("broker closed")
-
-    # --- state ------------------------------------------------------------------------
-    def _update_state(self, reason: str = "") -> None:
-        up = self._pub.up and self._sub.up and not self._closing
-        self._state.set(up, reason)
