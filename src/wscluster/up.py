@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -109,6 +111,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None:
     ns = "" if args.namespace == "wsc" else f" --namespace {args.namespace}"
     ns += f" --presence {presence}" if presence else ""
+    # paths that work without an activated virtual environment
+    python = shlex.quote(sys.executable)
+    script = os.path.join(os.path.dirname(sys.executable), "wscluster")
+    cli = shlex.quote(script) if os.path.exists(script) else "wscluster"
     lines = [f"wscluster is up: {args.nodes} nodes, broker {broker}", ""]
     for i in range(1, args.nodes + 1):
         port = args.base_port + i
@@ -117,10 +123,10 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
     lines += [
         "",
         "Try it:",
-        f"  python -m websockets ws://{args.host}:{args.base_port + 1}/ws",
+        f"  {python} -m websockets ws://{args.host}:{args.base_port + 1}/ws",
         '    then type: {"type": "login", "uid": "alice"}',
-        f"  wscluster send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
-        f"  wscluster status --broker {broker}{ns}",
+        f"  {cli} send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
+        f"  {cli} status --broker {broker}{ns}",
         "",
         "Ctrl-C stops everything.",
     ]
