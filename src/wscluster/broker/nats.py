@@ -53,7 +53,7 @@ from wscluster.broker.nats_link import (
     subject_channel,
     too_long,
 )
-from wscluster.broker.state import LinkState
+from wscluster.broker.state import LinkState, fail_all
 from wscluster.errors import BrokerUnavailable
 
 __all__ = ["MAX_CHANNEL_BYTES", "NatsBroker", "channel_subject", "subject_channel"]
@@ -332,13 +332,8 @@ class NatsBroker:
                     fut.set_result(None)
 
     def _fail_publishes(self, reason: str) -> None:
-        items = [*self._inflight, *self._queue]
-        self._inflight.clear()
-        self._queue.clear()
         self._pending_bytes = 0
-        for _, _, fut in items:
-            if not fut.done():
-                fut.set_exception(BrokerUnavailable(reason))
+        fail_all(reason, self._inflight, self._queue)
 
     # --- state ------------------------------------------------------------------------
     def _update_state(self, reason: str) -> None:

@@ -20,6 +20,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from wscluster.backoff import Backoff
 from wscluster.broker.base import MessageHandler
+from wscluster.broker.state import fail_all
 from wscluster.errors import BrokerUnavailable
 
 log = logging.getLogger("wscluster.broker")
@@ -171,13 +172,8 @@ class Publisher(Link):
         return fut
 
     def fail_publishes(self, reason: str) -> None:
-        items = [*self._inflight, *self._queue]
-        self._inflight.clear()
-        self._queue.clear()
         self.pending_bytes = 0
-        for _, _, fut in items:
-            if not fut.done():
-                fut.set_exception(BrokerUnavailable(reason))
+        fail_all(reason, self._inflight, self._queue)
 
     def _lost(self, reason: str) -> None:
         self.fail_publishes(f"broker connection lost: {reason}")

@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from wscluster.backoff import Backoff
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector, describe
+from wscluster.broker.state import fail_all
 from wscluster.errors import BrokerUnavailable
 
 MAX_BATCH = 10_000  # PUBLISH commands per pipeline
@@ -62,13 +63,8 @@ class Publisher:
         self._wakeup.set()
 
     def fail_publishes(self, reason: str) -> None:
-        items = [*self._inflight, *self._queue]
-        self._inflight.clear()
-        self._queue.clear()
         self.pending_bytes = 0
-        for _, _, fut in items:
-            if not fut.done():
-                fut.set_exception(BrokerUnavailable(reason))
+        fail_all(reason, self._inflight, self._queue)
 
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=2.0)

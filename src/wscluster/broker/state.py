@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from wscluster.broker.base import StateHandler
+from wscluster.errors import BrokerUnavailable
 
 log = logging.getLogger("wscluster.broker")
 
@@ -63,3 +65,13 @@ class LinkState:
             self._down_since = time.monotonic() - within
             msg = "broker lost: %s not reachable within %.1f s (%s), retrying in the background"
             log.warning(msg, self.where, within, why() or "no answer")
+
+
+def fail_all(reason: str, *queues: deque[tuple[str, bytes, asyncio.Future[None]]]) -> None:
+    """Empty publish queues, failing every future still waiting (never reported as sent)."""
+    items = [item for queue in queues for item in queue]
+    for queue in queues:
+        queue.clear()
+    for _, _, fut in items:
+        if not fut.done():
+            fut.set_exception(BrokerUnavailable(reason))
