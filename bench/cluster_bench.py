@@ -266,7 +266,7 @@ class Nodes:
                    "--port", str(port), "--api-port", str(free_port()), "--anonymous",
                    "--broker", self.redis.url, "--namespace", self.namespace,
                    "--node-name", f"bench{i}", "--max-connections", str(max_connections),
-                   "--log-level", "warning", *(extra or [])]  # fmt: skip
+                   "--log-level", "warning", "--rate-limit", "0", *(extra or [])]  # fmt: skip
             with open(self.logdir / f"node{i}.log", "ab") as log:
                 self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
         for i, port in enumerate(self.ports):

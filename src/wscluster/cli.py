@@ -18,13 +18,10 @@ import msgspec
 from .config import NodeConfig
 
 if TYPE_CHECKING:
+    from .app import App
     from .cluster import Cluster
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
-# Options of PROTOCOL.md that arrive with authentication and applications: accepted by the
-# parser so that using one fails loudly instead of being ignored (an unchecked Origin or an
-# unauthenticated node must never look configured).
-_NOT_YET = ("jwt-secret", "jwt-public-key", "allowed-origins", "app")
 
 
 def _env(name: str, default: Any) -> Any:
@@ -55,13 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "node-name", None)
     s.add_argument("--anonymous", action="store_true", default=_flag("anonymous"),
                    help="accept any client; `login` takes a uid")  # fmt: skip
+    _add(s, "jwt-secret", None, help="HS256 secret: clients need a token signed with it")
+    _add(s, "jwt-public-key", None, help="PEM file: RS256 (RSA) or ES256 (EC P-256) tokens")
+    _add(s, "jwt-audience", None, help="required `aud` of tokens")
+    _add(s, "jwt-issuer", None, help="required `iss` of tokens")
+    _add(s, "jwt-leeway", d.jwt_leeway, float, help="seconds of clock skew allowed on exp/nbf")
+    _add(s, "allowed-origins", None, help="comma-separated origins allowed to connect")
+    s.add_argument("--allow-missing-origin", action="store_true",
+                   default=_flag("allow-missing-origin"),
+                   help="with --allowed-origins: accept handshakes without Origin")  # fmt: skip
+    _add(s, "app", None, help="module:attribute of a wscluster.App to run")
     _add(s, "api-key", None)
-    for later in _NOT_YET:
-        _add(s, later, None, help="not available yet in this version")
     _add(s, "max-connections", d.max_connections, int)
     _add(s, "max-message-size", d.max_message_size, int)
     _add(s, "max-frame-size", d.max_frame_size, int)
     _add(s, "max-outbox", d.max_outbox, int, help="bytes queued per client before 1013")
+    _add(s, "max-connections-per-uid", d.max_connections_per_uid, int, help="0: no limit")
+    _add(s, "max-session-size", d.max_session_size, int, help="bytes of session per connection")
+    _add(s, "rate-limit", d.rate_limit, float, help="client frames per second (0: no limit)")
+    _add(s, "rate-burst", d.rate_burst, int, help="client frames allowed in a burst")
     _add(s, "ping-interval", d.ping_interval, float)
     _add(s, "node-heartbeat", d.node_heartbeat, float)
     _add(s, "node-ttl", d.node_ttl, float)
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--nats", action="store_true", default=_flag("nats"),
                    help="start an embedded nats-server as the broker")  # fmt: skip
     _add(u, "namespace", "wsc")
-    _add(u, "app", None, help="not available yet in this version")
+    _add(u, "app", None, help="module:attribute of a wscluster.App to run on every node")
     _add(u, "log-level", "INFO")
 
     for name, helptext in (("send", "push a message to an address"),
@@ -110,10 +119,10 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(**values)
 
 
-async def _serve(config: NodeConfig) -> int:
+async def _serve(config: NodeConfig, app: App | None) -> int:
     from .node import Node
 
-    node = Node(config)
+    node = Node(config, app)
     await node.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,28 +131,32 @@ async def _serve(config: NodeConfig) -> int:
     return 0
 
 
-def _refuse_not_yet(args: argparse.Namespace, command: str) -> bool:
-    for name in _NOT_YET:
-        if getattr(args, name.replace("-", "_"), None) is not None:
-            print(f"wscluster {command}: --{name} is not available yet in this version; "
-                  "only --anonymous mode is", file=sys.stderr)  # fmt: skip
-            return True
-    return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    if _refuse_not_yet(args, "serve"):
-        return 2
     _setup_logging(args.log_level)
     try:
         config = node_config(args)
         config.validate()
+        app = load_app_spec(config.app)
+        if config.jwt:
+            from .gate import make_verifier
+
+            make_verifier(config)  # a bad key file fails here, before anything starts
     except (ValueError, TypeError) as exc:
         print(f"wscluster serve: {exc}", file=sys.stderr)
         return 2
     import uvloop
 
-    return uvloop.run(_serve(config))
+    return uvloop.run(_serve(config, app))
+
+
+def load_app_spec(spec: str | None) -> App | None:
+    if spec is None:
+        return None
+    from .app import load_app
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--app myapp:app` finds ./myapp.py, as uvicorn does
+    return load_app(spec)
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
@@ -197,8 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from .up import cmd_up
 
-        if _refuse_not_yet(args, "up"):
-            return 2
         _setup_logging(args.log_level)
         return cmd_up(args)
     _setup_logging("WARNING")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,8 +18,9 @@ import msgspec
 from . import envelope
 from .broker import create_broker
 from .broker.base import Broker
+from .control import ControlClient
 from .errors import Code, ProtocolError, bad_request
-from .naming import Names
+from .naming import Names, node_of_client
 from .presence import create_presence
 from .presence.base import NodeInfo, Presence
 from .routing import Kind, channel_for, check_name, parse_address
@@ -36,6 +37,8 @@ class Cluster:
         namespace: str = "wsc",
         presence_url: str | None = None,
         max_message_size: int = 64 * 1024,
+        max_session_size: int = 16 * 1024,
+        timeout: float = 5.0,
     ) -> None:
         self.names = Names(namespace)
         self.broker: Broker = create_broker(broker_url)
@@ -44,27 +47,42 @@ class Cluster:
             raise ValueError("the presence store needs Redis: pass presence_url='redis://…'")
         self.presence: Presence = create_presence(presence_url, self.names)
         self.max_message_size = max_message_size
+        self.max_session_size = max_session_size
+        self.control = ControlClient(self.broker, self.names, timeout)
         self._owned = True
         self._started = False
         self._lock = asyncio.Lock()
 
     @classmethod
     def attach(
-        cls, broker: Broker, presence: Presence, names: Names, max_message_size: int
-    ) -> Cluster:
-        """A Cluster that shares a running node's broker and presence connections."""
+        cls, broker: Broker, presence: Presence, names: Names, *, max_message_size: int,
+        max_session_size: int, timeout: float,
+    ) -> Cluster:  # fmt: skip
+        """A Cluster that shares a running node's broker and presence connections (the node
+        passes control replies to ``control.on_reply``)."""
         self = cls.__new__(cls)
         self.names, self.broker, self.presence = names, broker, presence
-        self.max_message_size = max_message_size
+        self.max_message_size, self.max_session_size = max_message_size, max_session_size
+        self.control = ControlClient(broker, names, timeout)
         self._owned, self._started, self._lock = False, True, asyncio.Lock()
         return self
 
     async def start(self) -> None:
         async with self._lock:
             if not self._started:
-                await self.broker.start()
+                await self.broker.start(on_message=self._on_message)
                 await self.presence.start()
                 self._started = True
+
+    def _on_message(self, channel: str, payload: bytes) -> None:
+        if channel != self.control.reply_channel:
+            return
+        try:
+            env = envelope.decode(payload)
+        except envelope.EnvelopeError:
+            return
+        if env.op == envelope.Op.REPLY:
+            self.control.on_reply(env.payload)
 
     async def aclose(self) -> None:
         if self._owned and self._started:
@@ -120,6 +138,52 @@ class Cluster:
         await self.start()
         await self.broker.publish(channel, payload)
 
+    # --- a connection's uid and groups, from any process -----------------------------
+    async def bind_uid(self, client_id: str, uid: str) -> bool:
+        """Bind a connection to ``uid`` (re-binding moves it). True once every message sent
+        afterwards to the uid reaches it; False when the connection does not exist."""
+        return await self._control(client_id, "bind", check_name(uid, "uid"))
+
+    async def unbind_uid(self, client_id: str) -> bool:
+        return await self._control(client_id, "unbind", "")
+
+    async def join(self, client_id: str, group: str) -> bool:
+        """Make a connection join ``group``, with the barrier of a client's own ``join``."""
+        return await self._control(client_id, "join", check_name(group, "group"))
+
+    async def leave(self, client_id: str, group: str) -> bool:
+        return await self._control(client_id, "leave", check_name(group, "group"))
+
+    async def _control(self, client_id: str, action: str, arg: str) -> bool:
+        cid = _client_id(client_id)
+        await self.start()
+        return await self.control.request(cid, action, arg)
+
+    # --- sessions (GatewayWorker's getSession / setSession / updateSession) ---------------
+    async def get_session(self, client_id: str) -> dict[str, Any] | None:
+        """A connection's session data; None when the connection is not open."""
+        await self.start()
+        return await self.presence.get_session(_client_id(client_id))
+
+    async def set_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
+        """Replace the session; False when the connection is not open. Raises
+        ProtocolError(too_large) over ``max_session_size`` bytes."""
+        return await self._session(client_id, values, replace=True)
+
+    async def update_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
+        """Merge top-level keys into the session (a None value deletes the key)."""
+        return await self._session(client_id, values, replace=False)
+
+    async def _session(self, client_id: str, values: Mapping[str, Any], *, replace: bool) -> bool:
+        cid = _client_id(client_id)
+        if not isinstance(values, Mapping):
+            raise bad_request("a session is a JSON object")
+        await self.start()
+        node_id = node_of_client(cid) or ""
+        return await self.presence.set_session(
+            node_id, cid, values, replace=replace, limit=self.max_session_size
+        )
+
     # --- questions -------------------------------------------------------------------
     async def is_online(self, uid: str) -> bool:
         await self.start()
@@ -150,6 +214,12 @@ class Cluster:
         nodes = sorted(await self.nodes(), key=lambda n: n.node_id)
         listed = [{"node": n.node_id, **n.stats} for n in nodes]
         return {"nodes": listed, "connections": sum(int(n["connections"]) for n in listed)}
+
+
+def _client_id(value: object) -> str:
+    if not isinstance(value, str) or node_of_client(value) is None or len(value) > 200:
+        raise bad_request("not a client id")
+    return value
 
 
 def _ids(exclude: Iterable[str]) -> tuple[str, ...]:
@@ -196,6 +266,27 @@ class SyncCluster:
 
     def count(self) -> int:
         return self._run(self._cluster.count())
+
+    def bind_uid(self, client_id: str, uid: str) -> bool:
+        return self._run(self._cluster.bind_uid(client_id, uid))
+
+    def unbind_uid(self, client_id: str) -> bool:
+        return self._run(self._cluster.unbind_uid(client_id))
+
+    def join(self, client_id: str, group: str) -> bool:
+        return self._run(self._cluster.join(client_id, group))
+
+    def leave(self, client_id: str, group: str) -> bool:
+        return self._run(self._cluster.leave(client_id, group))
+
+    def get_session(self, client_id: str) -> dict[str, Any] | None:
+        return self._run(self._cluster.get_session(client_id))
+
+    def set_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
+        return self._run(self._cluster.set_session(client_id, values))
+
+    def update_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
+        return self._run(self._cluster.update_session(client_id, values))
 
     def stats(self) -> dict[str, Any]:
         return self._run(self._cluster.stats())

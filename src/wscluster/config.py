@@ -17,12 +17,24 @@ class NodeConfig:
     namespace: str = "wsc"
     node_name: str | None = None  # default: host:port
     anonymous: bool = False
+    jwt_secret: str | None = None  # HS256
+    jwt_public_key: str | None = None  # path to a PEM file: RS256 (RSA) or ES256 (EC P-256)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 0.0  # seconds of clock skew tolerated on exp/nbf
+    allowed_origins: str | None = None  # comma-separated exact origins; None: no check
+    allow_missing_origin: bool = False  # with --allowed-origins: accept a missing Origin
+    app: str | None = None  # module:attribute of a wscluster.App
     api_key: str | None = None
     max_connections: int = 10_000
     max_message_size: int = 64 * 1024
     max_frame_size: int = 1024 * 1024
     max_outbox: int = 1024 * 1024  # bytes queued to one client before it is closed 1013
     max_groups_per_connection: int = 1000
+    max_connections_per_uid: int = 100  # cluster-wide; 0: no limit
+    max_session_size: int = 16 * 1024  # bytes of session data per connection
+    rate_limit: float = 100.0  # client frames per second per connection (0: no limit)...
+    rate_burst: int = 200  # ...after a burst of this many
     max_inflight: int = 256  # requests awaiting I/O per connection before reading pauses
     max_publish_queue: int = 32 * 1024 * 1024  # bytes; above it sends get rate_limited
     abuse_burst: int = 1000  # errors a connection may cause in a burst...
@@ -43,12 +55,32 @@ class NodeConfig:
     def presence_url(self) -> str:
         return self.presence or self.broker
 
+    @property
+    def jwt(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+    @property
+    def origins(self) -> list[str] | None:
+        if self.allowed_origins is None:
+            return None
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+
     def validate(self) -> None:
-        if not self.anonymous:
+        if self.jwt_secret and self.jwt_public_key:
+            raise ValueError("pass one of --jwt-secret and --jwt-public-key, not both")
+        if self.anonymous and self.jwt:
+            raise ValueError("--anonymous and a JWT key exclude each other: choose one")
+        if not self.anonymous and not self.jwt:
             raise ValueError(
-                "refusing to start: pass --anonymous to accept any client "
-                "(JWT authentication arrives with --jwt-secret / --jwt-public-key)"
+                "refusing to start: pass --jwt-secret or --jwt-public-key to authenticate "
+                "clients, or --anonymous to accept any client"
             )
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ValueError("--jwt-secret must be at least 32 bytes (as long as the HS256 hash)")
+        if self.allowed_origins is not None and not self.origins:
+            raise ValueError("--allowed-origins needs at least one origin")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ValueError("--rate-limit must be >= 0 and --rate-burst >= 1")
         scheme = self.presence_url.partition("://")[0].lower()
         if scheme not in ("redis", "rediss", "unix", "memory"):
             raise ValueError(
@@ -63,6 +95,7 @@ class NodeConfig:
             raise ValueError("--transport must be asyncio or aiofastnet")
         if self.transport == "aiofastnet" and importlib.util.find_spec("aiofastnet") is None:
             raise ValueError("--transport aiofastnet needs the package: pip install aiofastnet")
-        for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox"):
+        for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox",
+                     "max_session_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

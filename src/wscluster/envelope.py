@@ -22,6 +22,8 @@ class Op(IntEnum):
     DELIVER = 1  # push payload to the receivers of `to`
     CLOSE = 2  # close the connections of `to` with `code`
     PRESENCE = 3  # push payload to the members of group `to` that watch presence
+    CONTROL = 4  # apply a ControlRequest (payload) to the connection `client:<id>` in `to`
+    REPLY = 5  # the ControlReply (payload) to a CONTROL; `to` is the asker's reply channel
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -85,6 +87,46 @@ def presence_event(
     frame = _frame_encoder.encode(PresenceFrame(group, event, uid, cid))
     env = Envelope(VERSION, Op.PRESENCE, f"group:{group}", frame, exclude=exclude)
     return _envelope_encoder.encode(env)
+
+
+class ControlRequest(msgspec.Struct, array_like=True, frozen=True):
+    action: str  # bind | unbind | join | leave
+    arg: str  # the uid or group ('' for unbind)
+    reply_to: str  # broker channel of the asker
+    request_id: int
+
+
+class ControlReply(msgspec.Struct, array_like=True, frozen=True):
+    request_id: int
+    status: str  # "ok", "gone" (no such connection) or an error code
+
+
+_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
+_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
+
+
+def control(to: Address | str, request: ControlRequest) -> bytes:
+    payload = _envelope_encoder.encode(request)
+    return _envelope_encoder.encode(Envelope(VERSION, Op.CONTROL, str(to), payload))
+
+
+def reply(channel: str, answer: ControlReply) -> bytes:
+    payload = _envelope_encoder.encode(answer)
+    return _envelope_encoder.encode(Envelope(VERSION, Op.REPLY, channel, payload))
+
+
+def decode_request(payload: bytes) -> ControlRequest:
+    try:
+        return _request_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EnvelopeError(str(exc)) from None
+
+
+def decode_reply(payload: bytes) -> ControlReply:
+    try:
+        return _reply_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise EnvelopeError(str(exc)) from None
 
 
 def close(to: Address | str, code: int) -> bytes:

@@ -1,19 +1,20 @@
-"""The core client commands of PROTOCOL.md, applied to a node: login, logout, join, leave,
-send, presence, ping. Local state changes happen synchronously in frame order; the broker
-and presence I/O behind an ack runs afterwards, and the ack waits for it (barriers)."""
+"""The client frames of PROTOCOL.md, applied to a node: login, logout, join, leave, send,
+presence, ping, and application frames. Local state changes happen synchronously in frame
+order (ops.py); the broker and presence I/O behind an ack runs afterwards, and the ack
+waits for it (barriers). Policy and rate limits are checked before anything changes."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import envelope, frames
+from .auth import AuthError
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
-from .registry import Entry, Interest
+from .policy import Action
 from .routing import Kind, channel_for
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ log = logging.getLogger("wscluster.node")
 class Handlers:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.ops = node.ops
         self._table = {
             "send": self.send,
             "ping": self.ping,
@@ -36,20 +38,33 @@ class Handlers:
         }
 
     def handle(self, conn: Connection, payload: bytes) -> None:
+        node = self.node
+        runner = node.app_runner
+        if runner is not None and runner.app.raw:
+            if conn.take_token():
+                runner.raw_message(conn, payload)
+            else:
+                conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
+            return
         try:
             cmd = frames.parse(payload)
         except frames.FrameError as exc:
             conn.error(exc.frame_id, exc.code, exc.message)
             return
-        if len(payload) > self.node.config.max_message_size:
-            conn.error(cmd.id, Code.TOO_LARGE, f"over {self.node.config.max_message_size} bytes")
+        if len(payload) > node.config.max_message_size:
+            conn.error(cmd.id, Code.TOO_LARGE, f"over {node.config.max_message_size} bytes")
+            return
+        if not conn.take_token():
+            conn.error(cmd.id, Code.RATE_LIMITED, "too many frames, slow down", charge=True)
             return
         handler = self._table.get(cmd.type)
-        if handler is None:
-            conn.error(cmd.id, Code.UNKNOWN_TYPE, f"unknown type {cmd.type[:64]!r}")
-            return
         try:
-            handler(conn, cmd)
+            if handler is not None:
+                handler(conn, cmd)
+            elif runner is not None and runner.app.message_hook is not None:
+                runner.message(conn, cmd.id, payload)
+            else:
+                conn.error(cmd.id, Code.UNKNOWN_TYPE, f"unknown type {cmd.type[:64]!r}")
         except ProtocolError as exc:
             conn.error(cmd.id, exc.code, exc.message)
         except Exception:
@@ -62,14 +77,15 @@ class Handlers:
 
     def send(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
-        uid = self._entry(conn).uid
-        if uid is None:
+        entry = self.ops.entry(conn)
+        if entry.uid is None:
             raise ProtocolError(Code.NOT_LOGGED_IN, "login before sending")
         address = cmd.address
         assert address is not None
+        self.allow(conn, Action.SEND, str(address))
         if node.broker.pending_bytes > node.config.max_publish_queue:
             raise ProtocolError(Code.RATE_LIMITED, "node overloaded, slow down")
-        frame = envelope.message_frame(address, cmd.raw.data, envelope.Sender(uid, conn.cid))
+        frame = envelope.message_frame(address, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
         fut = node.broker.publish_nowait(
             channel_for(node.names, address), envelope.deliver(address, frame)
         )
@@ -92,174 +108,107 @@ class Handlers:
 
     def login(self, conn: Connection, cmd: frames.Command) -> None:
         node = self.node
-        if cmd.raw.token is not None or not node.config.anonymous:
+        token = cmd.raw.token
+        claims = None
+        if token is not None:
+            if node.verifier is None:
+                raise ProtocolError(Code.FORBIDDEN, "this node does not accept tokens")
+            try:
+                claims = node.verifier.verify(token)
+            except AuthError as exc:
+                raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
+            uid = claims.uid
+        elif node.config.anonymous:
+            assert cmd.name is not None
+            uid = cmd.name
+        else:
             raise ProtocolError(Code.FORBIDDEN, "login with a uid needs anonymous mode")
-        uid = cmd.name
-        assert uid is not None
-        entry = self._entry(conn)
+        self.allow(conn, Action.LOGIN, f"uid:{uid}")
+        entry = self.ops.entry(conn)
         old = entry.uid
-        waits: list[Awaitable[None]] = [node.subs.wait(f"uid:{uid}")]
-        rollback = None
         if old != uid:
-            node.subs.apply(node.registry.bind(conn.cid, uid))
-            write = node.presence.bind(node.node_id, conn.cid, old, uid)
-            waits.append(node.presence_write(write))
-            rollback = self._undo(conn, lambda: node.registry.bind(conn.cid, old))
-        # a repeated login waits for the same barrier as the first one
-        self._finish(conn, cmd.id, waits, {"uid": uid}, rollback)
+            node.admission.check_room(uid)
+        barrier = self.ops.bind(conn, uid)
+
+        async def run() -> dict[str, Any]:
+            await barrier
+            if old != uid:
+                await node.admission.enforce_limit(conn, uid, old)
+            if claims is not None:
+                node.admission.apply_claims(conn, claims.raw)
+            return {"uid": uid}
+
+        self.reply(conn, cmd.id, run())
 
     def logout(self, conn: Connection, cmd: frames.Command) -> None:
-        node = self.node
-        entry = self._entry(conn)
-        old = entry.uid
-        if old is None:
-            conn.ack(cmd.id)
-            return
-        # Local first: from here no message to the uid reaches this connection (the barrier).
-        node.subs.apply(node.registry.bind(conn.cid, None))
-        self._always_ack(conn, cmd.id, node.presence.bind(node.node_id, conn.cid, old, None))
+        self.reply(conn, cmd.id, _empty(self.ops.unbind(conn)))
 
     def join(self, conn: Connection, cmd: frames.Command) -> None:
-        node = self.node
         group = cmd.name
         assert group is not None
-        entry = self._entry(conn)
-        address = f"group:{group}"
-        if group in entry.groups:  # a repeat: same barrier as the first join
-            if cmd.raw.presence:
-                node.watch_presence(conn.cid, group)
-            self._finish(conn, cmd.id, [node.subs.wait(address)], {}, None)
-            return
-        if len(entry.groups) >= node.config.max_groups_per_connection:
-            raise ProtocolError(Code.FORBIDDEN, "too many groups on this connection")
-        if cmd.raw.presence:
-            node.watch_presence(conn.cid, group)
-        node.subs.apply(node.registry.join(conn.cid, group))
-        # published now, so a later leave (or close) is always announced after it
-        node.publish_presence(group, "join", entry.uid, conn.cid)
-        waits = [
-            node.subs.wait(address),
-            node.presence_write(node.presence.join(node.node_id, conn.cid, entry.uid, group)),
-        ]
-        rollback = self._undo(conn, lambda: self._leave(conn, group, event=True))
-        self._finish(conn, cmd.id, waits, {}, rollback)
+        self.allow(conn, Action.JOIN, f"group:{group}")
+        self.reply(conn, cmd.id, _empty(self.ops.join(conn, group, bool(cmd.raw.presence))))
 
     def leave(self, conn: Connection, cmd: frames.Command) -> None:
-        node = self.node
-        group = cmd.name
-        assert group is not None
-        if group not in self._entry(conn).groups:
-            conn.ack(cmd.id)
-            return
-        self._leave(conn, group, event=True)  # local first: the barrier holds from here
-        self._always_ack(conn, cmd.id, node.presence.leave(node.node_id, conn.cid, group))
+        assert cmd.name is not None
+        self.reply(conn, cmd.id, _empty(self.ops.leave(conn, cmd.name)))
 
     def presence(self, conn: Connection, cmd: frames.Command) -> None:
         address = cmd.address
         assert address is not None
+        self.allow(conn, Action.PRESENCE, str(address))
         presence = self.node.presence
 
-        async def query() -> dict[str, object]:
+        async def query() -> dict[str, Any]:
             if address.kind is Kind.UID:
                 return {"online": await presence.is_online(address.name)}
             info = await presence.group_members(address.name)
             return {"uids": info.uids, "count": info.count}
 
-        async def run() -> None:
+        async def run() -> dict[str, Any]:
             try:
-                result = await asyncio.wait_for(query(), self.node.config.request_timeout)
+                return await asyncio.wait_for(query(), self.node.config.request_timeout)
             except (PresenceUnavailable, TimeoutError):
-                conn.error(cmd.id, Code.UNAVAILABLE, "presence store unavailable")
-            else:
-                conn.ack(cmd.id, **result)
+                raise ProtocolError(Code.UNAVAILABLE, "presence store unavailable") from None
 
-        self._spawn(conn, run())
+        self.reply(conn, cmd.id, run())
 
     # --- helpers ---------------------------------------------------------------------
-    def _spawn(self, conn: Connection, coro: Coroutine[Any, Any, None]) -> None:
-        """Run the I/O behind a request; it counts against the connection's in-flight bound
-        (reading pauses when too many are pending), like sends do."""
+    def allow(self, conn: Connection, action: Action, target: str) -> None:
+        """Raise ``forbidden`` unless the connection's policy (JWT claims) and the
+        application's ``authorize`` hook allow the action."""
+        entry = self.ops.entry(conn)
+        reason = conn.policy.decide(action, target, entry.groups) if conn.policy else None
+        runner = self.node.app_runner
+        verdict = runner.authorize(conn, action, target) if runner is not None else None
+        if verdict is False or (verdict is None and reason is not None):
+            raise ProtocolError(Code.FORBIDDEN, reason or f"{action} {target[:140]} not allowed")
+
+    def reply(
+        self, conn: Connection, frame_id: frames.FrameId,
+        work: Coroutine[Any, Any, dict[str, Any]],
+    ) -> None:  # fmt: skip
+        """Run the I/O behind a request, then answer with its ack (result fields) or error.
+        It counts against the connection's in-flight bound (reading pauses when too many
+        are pending), like sends do."""
         conn.sending()
 
-        async def tracked() -> None:
+        async def run() -> None:
             try:
-                await coro
+                result = await work
+            except ProtocolError as exc:
+                conn.error(frame_id, exc.code, exc.message)
+            except Exception:
+                log.exception("internal error")
+                conn.error(frame_id, Code.INTERNAL, "internal error")
+            else:
+                conn.ack(frame_id, **result)
             finally:
                 conn.sent()
 
-        self.node.spawn(tracked())
+        self.node.spawn(run())
 
-    def _entry(self, conn: Connection) -> Entry[Connection]:
-        entry = self.node.registry.get(conn.cid)
-        assert entry is not None  # frames only arrive on open connections
-        return entry
 
-    def _leave(self, conn: Connection, group: str, *, event: bool) -> None:
-        node = self.node
-        entry = node.registry.get(conn.cid)
-        if entry is not None and group in entry.groups:
-            node.unwatch_presence(conn.cid, group)
-            node.subs.apply(node.registry.leave(conn.cid, group))
-            if event:
-                node.publish_presence(group, "leave", entry.uid, conn.cid)
-
-    def _undo(self, conn: Connection, undo: Callable[[], object]) -> Callable[[], None]:
-        """A rollback that runs only if nothing changed the connection's uid or groups since
-        (a later request's state must never be undone by an earlier request's failure)."""
-        entry = self._entry(conn)
-        version = entry.version
-
-        def rollback() -> None:
-            current = self.node.registry.get(conn.cid)
-            if current is entry and entry.version == version:
-                result = undo()
-                if isinstance(result, Interest):
-                    self.node.subs.apply(result)
-
-        return rollback
-
-    def _always_ack(self, conn: Connection, frame_id: frames.FrameId,
-                    write: Awaitable[None]) -> None:  # fmt: skip
-        """leave/logout: the local change is the barrier and they are always acked; the
-        presence write is awaited (so queries see it) and repaired by a resync if it fails."""
-
-        async def run() -> None:
-            with contextlib.suppress(PresenceUnavailable):
-                await self.node.presence_write(write)
-            conn.ack(frame_id)
-
-        self._spawn(conn, run())
-
-    def _finish(
-        self,
-        conn: Connection,
-        frame_id: frames.FrameId,
-        waits: Sequence[Awaitable[None]],
-        result: dict[str, object],
-        rollback: Callable[[], None] | None,
-    ) -> None:
-        """Ack once every wait succeeded; on failure undo the local change (so an error
-        changes nothing) and answer ``unavailable``."""
-
-        async def run() -> None:
-            outcome = await asyncio.gather(*waits, return_exceptions=True)
-            failed = [o for o in outcome if isinstance(o, BaseException)]
-            if not failed:
-                conn.ack(frame_id, **result)
-                return
-            if rollback is not None:
-                rollback()
-            self.node.mark_presence_dirty()  # the mirror may hold the undone change
-            unexpected = [
-                o for o in failed if not isinstance(o, BrokerUnavailable | PresenceUnavailable)
-            ]
-            if unexpected:
-                log.error("internal error: %r", unexpected[0])
-                conn.error(frame_id, Code.INTERNAL, "internal error")
-            else:
-                what = "broker" if any(isinstance(o, BrokerUnavailable) for o in failed) else (
-                    "presence store")
-                conn.error(frame_id, Code.UNAVAILABLE, f"{what} unavailable")
-
-        self._spawn(conn, run())
-
+async def _empty(barrier: Awaitable[None]) -> dict[str, Any]:
+    await barrier
+    return {}

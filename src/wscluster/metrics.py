@@ -45,6 +45,9 @@ class Metrics:
         self.bad_envelopes = Counter(
             "wscluster_bad_envelopes", "Broker messages that could not be decoded", registry=r
         )
+        self.app_errors = Counter(
+            "wscluster_app_errors", "Application handler failures by hook", ["hook"], registry=r
+        )
         self.info = Gauge("wscluster_node_info", "Node identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
 

@@ -51,6 +51,10 @@ class Names:
     def all_channel(self) -> str:
         return f"{self.ns}:c:all"
 
+    def reply_channel(self, token: str) -> str:
+        """Where one API process hears the answers to its control requests."""
+        return f"{self.ns}:r:{token}"
+
     # --- presence store keys ---------------------------------------------------------
     def nodes_key(self) -> str:
         """Sorted set of known node ids (member) -> first-seen time (score)."""
@@ -65,7 +69,7 @@ class Names:
         return f"{self.ns}:nc:{node_id}"
 
     def conn_key(self, cid: str) -> str:
-        """Hash of one connection: uid, groups."""
+        """Hash of one connection: uid, a g:<group> field per group, s:<key> session fields."""
         return f"{self.ns}:conn:{cid}"
 
     def uid_key(self, uid: str) -> str:

@@ -13,18 +13,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 from picows import WSMsgType
 
-from . import envelope, frames
+from . import control, envelope
+from .admit import Admission
+from .app import App, load_app
 from .broker import create_broker
+from .cluster import Cluster
 from .config import NodeConfig
-from .errors import BrokerUnavailable, PresenceUnavailable
+from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
+from .gate import Gate, make_verifier
 from .gateway.connection import Connection
 from .handlers import Handlers
+from .hooks import AppRunner
 from .metrics import Metrics
-from .naming import Names, client_id, new_node_id
+from .naming import Names, client_id, new_node_id, node_of_client
+from .ops import Ops
 from .presence import create_presence
 from .presence.base import ConnInfo
 from .registry import Registry
-from .routing import Address, parse_address
+from .routing import Address, Kind, parse_address
 from .subscriptions import Subscriptions
 
 log = logging.getLogger("wscluster.node")
@@ -35,7 +41,7 @@ class _Closable(Protocol):
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, app: App | None = None) -> None:
         config.validate()
         self.config = config
         self.names = Names(config.namespace)
@@ -45,6 +51,20 @@ class Node:
         self.broker = create_broker(config.broker)
         self.presence = create_presence(config.presence_url, self.names)
         self.subs = Subscriptions(self.broker, self.names, config.request_timeout)
+        self.cluster = Cluster.attach(
+            self.broker, self.presence, self.names, max_message_size=config.max_message_size,
+            max_session_size=config.max_session_size, timeout=config.request_timeout,
+        )  # fmt: skip
+        self.cluster.control.local = self._local_control
+        self.app = app if app is not None else (load_app(config.app) if config.app else None)
+        self.app_runner = AppRunner(self, self.app) if self.app is not None else None
+        if self.app is not None:
+            self.app.bind_cluster(self.cluster)
+        self.verifier = make_verifier(config)
+        self.gate = Gate(config, self.verifier, self.registry.uid_size,
+                         self.app.handshake_hook if self.app is not None else None)  # fmt: skip
+        self.ops = Ops(self)
+        self.admission = Admission(self)
         self.handlers = Handlers(self)
         self.draining = False
         self.started_at = time.time()
@@ -65,7 +85,8 @@ class Node:
 
         await self.broker.start(on_message=self._on_broker, on_state=self._on_broker_state)
         self.metrics.broker_up.set(1 if self.broker.connected else 0)
-        fixed = [self.names.all_channel(), self.names.node_channel(self.node_id)]
+        fixed = [self.names.all_channel(), self.names.node_channel(self.node_id),
+                 self.cluster.control.reply_channel]  # fmt: skip
         try:
             await self.broker.subscribe(fixed)
         except BrokerUnavailable:
@@ -123,6 +144,9 @@ class Node:
         for _, entry in self.registry.items():
             if entry.conn.transport is not None:
                 entry.conn.transport.underlying_transport.abort()
+        if self.app_runner is not None and self._tasks:  # let on_close handlers finish
+            await asyncio.sleep(0)
+            await asyncio.wait(list(self._tasks), timeout=min(5.0, self.config.drain_timeout))
         try:
             await asyncio.wait_for(self.presence.remove_node(self.node_id), 3)
         except (PresenceUnavailable, TimeoutError):
@@ -138,7 +162,7 @@ class Node:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -160,18 +184,25 @@ class Node:
     def on_open(self, conn: Connection) -> None:
         self._counter += 1
         conn.cid = client_id(self.node_id, self._counter)
+        conn.raw = self.app is not None and self.app.raw
         self.registry.add(conn.cid, conn)
         self.metrics.connections.set(len(self.registry))
         self.metrics.connects.inc()
-        conn.reply(frames.encode({
-            "type": "welcome", "client_id": conn.cid, "node": self.node_id, "uid": None,
-            "heartbeat": _number(self.config.ping_interval),
-        }))  # fmt: skip
         add = self.presence.add(self.node_id, ConnInfo(conn.cid))
         self.spawn(self._quiet(self.presence_write(add)))
+        self.admission.open(conn)
 
     def on_text(self, conn: Connection, payload: bytes) -> None:
         self.handlers.handle(conn, payload)
+
+    def on_binary(self, conn: Connection, payload: bytes) -> bool:
+        if not conn.raw or self.app_runner is None:
+            return False
+        if conn.take_token():
+            self.app_runner.raw_message(conn, payload, binary=True)
+        else:
+            conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
+        return True
 
     def on_closed(self, conn: Connection) -> None:
         entry, interest = self.registry.remove(conn.cid)
@@ -183,7 +214,35 @@ class Node:
             self.unwatch_presence(conn.cid, group)
             self.publish_presence(group, "leave", entry.uid, conn.cid)
         remove = self.presence.remove(self.node_id, conn.cid, entry.uid, entry.groups)
-        self.spawn(self._quiet(self.presence_write(remove)))
+        runner = self.app_runner
+        if runner is None or runner.app.close_hook is None:
+            self.spawn(self._quiet(self.presence_write(remove)))
+            return
+
+        async def closed() -> None:  # read the session before the record goes
+            try:
+                session = await asyncio.wait_for(
+                    self.presence.get_session(conn.cid), self.config.request_timeout
+                )
+            except (PresenceUnavailable, TimeoutError):
+                session = None
+            runner.closed(conn, entry.uid, entry.groups, session or {})
+            await self._quiet(self.presence_write(remove))
+
+        self.spawn(closed())
+
+    def _local_control(self, cid: str, action: str, arg: str) -> Awaitable[bool] | None:
+        """Control requests for this node's own connections skip the broker."""
+        if node_of_client(cid) != self.node_id:
+            return None
+
+        async def run() -> bool:
+            status = await control.apply(self, cid, action, arg)
+            if status not in ("ok", "gone"):
+                raise ProtocolError(Code(status), f"{action} failed")
+            return status == "ok"
+
+        return run()
 
     # --- presence ----------------------------------------------------------------------
     async def presence_write(self, write: Awaitable[None]) -> None:
@@ -293,6 +352,8 @@ class Node:
             for c in node.connections:
                 for group in c.groups:
                     self.publish_presence(group, "leave", c.uid, c.client_id)
+            if self.app_runner is not None:
+                self.app_runner.node_died(node.connections)
 
     # --- broker -> local receivers -------------------------------------------------------
     def _on_broker_state(self, connected: bool) -> None:
@@ -302,6 +363,9 @@ class Node:
         self.metrics.broker_in.inc()
         try:
             env = envelope.decode(payload)
+            if env.op == envelope.Op.REPLY:
+                self.cluster.control.on_reply(env.payload)
+                return
             address = parse_address(env.to)
         except (envelope.EnvelopeError, ValueError) as exc:
             self.metrics.bad_envelopes.inc()
@@ -319,6 +383,8 @@ class Node:
         elif env.op == envelope.Op.CLOSE:
             for _, conn in self.registry.receivers(address):
                 conn.close(env.code, "closed by the server")
+        elif env.op == envelope.Op.CONTROL and address.kind is Kind.CLIENT:
+            self.spawn(control.serve(self, env.to, env.payload))
         else:
             self.metrics.bad_envelopes.inc()
 
@@ -339,10 +405,6 @@ class Node:
         if n:
             self.metrics.deliveries.inc(n)
             self.metrics.frames_out.inc(n)
-
-
-def _number(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else x
 
 
 def _ignore_failure(fut: asyncio.Future[None]) -> None:

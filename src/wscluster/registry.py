@@ -63,6 +63,9 @@ class Registry(Generic[C]):
     def groups(self) -> Iterable[str]:
         return self._by_group.keys()
 
+    def uid_size(self, uid: str) -> int:
+        return len(self._by_uid.get(uid, ()))
+
     def group_size(self, group: str) -> int:
         return len(self._by_group.get(group, ()))
 

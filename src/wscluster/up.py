@@ -46,6 +46,14 @@ def _embedded(server: ChildServer, started: list[ChildServer]) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.app is not None:
+        from .cli import load_app_spec
+
+        try:
+            load_app_spec(args.app)  # fail here, not in N node processes
+        except ValueError as exc:
+            print(f"wscluster up: {exc}", file=sys.stderr)
+            return 2
     started: list[ChildServer] = []
     broker, presence = args.broker, args.presence
     try:
@@ -76,6 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "--broker", broker, "--namespace", args.namespace,
                 *(["--presence", presence] if presence else []),
                 "--node-name", f"node{i}", "--log-level", args.log_level,
+                *(["--app", args.app] if args.app else []),
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent))
         for i, proc in enumerate(procs, 1):

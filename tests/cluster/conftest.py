@@ -41,10 +41,14 @@ class NodeProc:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self, wait: bool = True) -> None:
+        # anonymous unless the test configures JWT; the tests that flood a connection need a
+        # rate limit above the default (the rate-limit tests pass their own, which win)
+        auth = [] if any(a.startswith("--jwt-") for a in self.args) else ["--anonymous"]
         cmd = [
-            sys.executable, "-m", "wscluster", "serve", "--anonymous", "--host", "127.0.0.1",
+            sys.executable, "-m", "wscluster", "serve", *auth, "--host", "127.0.0.1",
             "--port", str(self.port), "--api-port", str(self.api_port),
-            "--node-name", f"node{self.index}", *self.args,
+            "--node-name", f"node{self.index}", "--rate-limit", "20000", "--rate-burst", "20000",
+            *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # handed to the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)

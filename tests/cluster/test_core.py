@@ -287,12 +287,21 @@ async def test_cli_send_and_status(cluster: Cluster, unique: str) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert bad.returncode == 2 and "bad_request" in bad.stderr
-    for flag in ("--jwt-secret", "--allowed-origins"):  # never silently ignored
+    bad_configs = {  # each refuses to start, saying why
+        (): "refusing to start",
+        ("--anonymous", "--jwt-secret", "x" * 40): "exclude each other",
+        ("--jwt-secret", "short"): "at least 32 bytes",
+        ("--jwt-public-key", "/nonexistent.pem"): "no such file",
+        ("--anonymous", "--allowed-origins", ","): "at least one origin",
+        ("--anonymous", "--app", "no_such_module_xyz:app"): "cannot import",
+        ("--anonymous", "--app", "wscluster:Cluster"): "not a wscluster.App",
+    }
+    for args, why in bad_configs.items():
         refused = await asyncio.to_thread(
-            subprocess.run, [*base, "serve", "--anonymous", flag, "x"],
+            subprocess.run, [*base, "serve", *args, "--port", "1"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
-        assert refused.returncode == 2 and "not available yet" in refused.stderr
+        assert refused.returncode == 2 and why in refused.stderr, (args, refused.stderr)
     await ws.close()
 
 

@@ -7,6 +7,7 @@ reads from another, as they would from two nodes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from wscluster.embedded import EmbeddedRedis, free_port
-from wscluster.errors import PresenceUnavailable
+from wscluster.errors import Code, PresenceUnavailable, ProtocolError
 from wscluster.naming import Names, client_id, new_node_id
 from wscluster.presence import ConnInfo, DeadNode, GroupInfo, Presence, create_presence
 from wscluster.presence.memory import MemoryPresence
@@ -318,6 +319,198 @@ async def test_namespaces_isolate_clusters(store: Store, namespace: str) -> None
     assert [d.node_id for d in await b.purge_dead()] == [node]
     [dead] = await a.purge_dead()
     assert dead.connections == [ConnInfo(client_id(node, 1), "alice", ["room"])]
+
+
+# --- sessions -----------------------------------------------------------------------------
+LIMIT = 4096
+
+
+async def open_conn(store: Store, ttl: float = TTL) -> tuple[Presence, Presence, str, str]:
+    """Two instances, a live node of the first and one of its connections."""
+    a, b = await store.make(), await store.make()
+    node = await live_node(a, "s", ttl)
+    cid = client_id(node, 1)
+    await a.add(node, ConnInfo(cid, "alice", ["room"]))
+    return a, b, node, cid
+
+
+def same_json(got: Any, want: Any) -> bool:
+    """Equal, and of the same JSON types (True is not 1, 1.0 is not 1)."""
+    return json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+async def test_session_is_written_and_read_by_any_instance(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    assert await b.get_session(cid) == {}
+    assert await b.set_session(node, cid, {"x": 1, "y": "a"}, replace=False, limit=LIMIT)
+    assert await a.get_session(cid) == {"x": 1, "y": "a"}
+    assert await a.set_session(node, cid, {"y": "b", "z": [1]}, replace=False, limit=LIMIT)
+    assert await b.get_session(cid) == {"x": 1, "y": "b", "z": [1]}
+    # a session write queued right behind the add that creates the connection sees it
+    c2 = client_id(node, 2)
+    _, written = await asyncio.gather(
+        a.add(node, ConnInfo(c2)), a.set_session(node, c2, {"k": "v"}, replace=True, limit=LIMIT)
+    )
+    assert written is True
+    assert await b.get_session(c2) == {"k": "v"}
+    # writes of one instance apply in call order
+    await asyncio.gather(*(
+        a.set_session(node, cid, {"n": i}, replace=False, limit=LIMIT) for i in range(200)
+    ))
+    assert (await b.get_session(cid) or {})["n"] == 199
+
+
+async def test_session_merge_replace_and_none(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    assert await a.set_session(node, cid, {"a": 1, "b": 2, "c": 3}, replace=True, limit=LIMIT)
+    assert await a.set_session(node, cid, {"b": None, "d": 4}, replace=False, limit=LIMIT)
+    assert await b.get_session(cid) == {"a": 1, "c": 3, "d": 4}
+    assert await a.set_session(node, cid, {"gone": None}, replace=False, limit=LIMIT)
+    assert await b.get_session(cid) == {"a": 1, "c": 3, "d": 4}
+    assert await a.set_session(node, cid, {"e": 5, "n": None}, replace=True, limit=LIMIT)
+    assert await b.get_session(cid) == {"e": 5, "n": None}  # replace keeps null values
+    assert await a.set_session(node, cid, {}, replace=True, limit=LIMIT)
+    assert await b.get_session(cid) == {}
+    # the connection's other data is untouched
+    assert await b.client_ids("alice") == [cid]
+    assert await b.group_members("room") == GroupInfo(["alice"], 1)
+
+
+async def test_session_of_unknown_or_closed_connection(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    before = await store.keys() if store.kind == "redis" else []
+    for unknown in (client_id(node, 77), client_id(new_node_id("x"), 1), "not-a-cid"):
+        assert await b.set_session(node, unknown, {"x": 1}, replace=False, limit=LIMIT) is False
+        assert await b.set_session(node, unknown, {"x": 1}, replace=True, limit=LIMIT) is False
+        assert await a.get_session(unknown) is None
+    if store.kind == "redis":
+        assert await store.keys() == before
+    assert await a.set_session(node, cid, {"x": 1}, replace=False, limit=LIMIT)
+    await a.remove(node, cid, "alice", ["room"])
+    assert await b.get_session(cid) is None
+    assert await b.set_session(node, cid, {"x": 2}, replace=False, limit=LIMIT) is False
+    assert await b.get_session(cid) is None
+    if store.kind == "redis":
+        ns = store.namespace
+        assert await store.keys() == [f"{ns}:alive:{node}", f"{ns}:nodes"]
+
+
+async def test_session_limit(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    limit = 20  # bytes: UTF-8 key + JSON value, summed over keys
+    assert await a.set_session(node, cid, {"a": "x" * 15}, replace=True, limit=limit)  # 18
+    with pytest.raises(ProtocolError) as err:  # 3 bytes, 2 characters
+        await b.set_session(node, cid, {"é": 1}, replace=False, limit=limit)
+    assert err.value.code == Code.TOO_LARGE
+    assert await a.set_session(node, cid, {"b": 1}, replace=False, limit=limit)  # 20: fits
+    for values, replace in (({"c": 1}, False), ({"é": 1}, False), ({"z": "x" * 20}, True),
+                            ({"a": "x" * 16}, False)):
+        with pytest.raises(ProtocolError) as err:
+            await b.set_session(node, cid, values, replace=replace, limit=limit)
+        assert err.value.code == Code.TOO_LARGE
+        assert await b.get_session(cid) == {"a": "x" * 15, "b": 1}
+    # the size is the one after the merge: overwriting or deleting frees room
+    assert await b.set_session(node, cid, {"a": None, "c": "x" * 14}, replace=False,
+                               limit=limit)
+    assert await b.set_session(node, cid, {"c": "y" * 14}, replace=False, limit=limit)
+    assert await a.get_session(cid) == {"b": 1, "c": "y" * 14}
+    # replace counts only the new keys
+    assert await b.set_session(node, cid, {"q": "y" * 16}, replace=True, limit=limit)  # 19
+    assert await a.get_session(cid) == {"q": "y" * 16}
+    assert await b.set_session(node, cid, {"d": 0}, replace=True, limit=limit)
+    assert await a.get_session(cid) == {"d": 0}
+    with pytest.raises(ProtocolError):
+        await b.set_session(node, cid, {"d": 0}, replace=True, limit=1)
+
+
+async def test_session_bad_keys_and_values(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    assert await a.set_session(node, cid, {"ok": 1, "k" * 128: 2}, replace=False, limit=LIMIT)
+    bad: list[dict[Any, Any]] = [
+        {"": 1}, {"k" * 129: 1}, {1: 1}, {None: 1}, {"\ud800": 1}, {"\ud800": None},
+        {"x": object()}, {"x": {"y": [object()]}}, {"x": "\udfff"}, {"ok": 5, "x": object()},
+    ]
+    for values in bad:
+        for replace in (False, True):
+            with pytest.raises(ProtocolError) as err:
+                await a.set_session(node, cid, values, replace=replace, limit=LIMIT)
+            assert err.value.code == Code.BAD_REQUEST, values
+    assert await b.get_session(cid) == {"ok": 1, "k" * 128: 2}
+
+
+async def test_session_values_round_trip_exactly(store: Store) -> None:
+    a, b, node, cid = await open_conn(store)
+    values: dict[str, Any] = {
+        "null_in_list": [None, 1, None], "empty_list": [], "empty_dict": {},
+        "nested": {"a": [{"b": [[], {}, [None]]}], "c": {"d": None, "e": [[[]]]}},
+        "big": 2**53 - 1, "neg": -(2**53 - 1), "zero": 0, "float": 0.1, "whole": 1.0,
+        "tiny": 5e-324, "huge": 1.7976931348623157e308, "t": True, "f": False, "s": "",
+        "null": None, "list_of_bools": [True, False, 1, 0],
+        "clé 😀 \"q\" \\ \n \x00 \u2028": "日本語 😀 \x00\n\t\"\\ \u2028 \\u0000",
+        "{}": "[]", "null ": "null", "1": "1",
+    }
+    assert await a.set_session(node, cid, values, replace=True, limit=LIMIT)
+    got = await b.get_session(cid)
+    assert got == values and same_json(got, values)
+    merged = {"more": {"x": [None]}, "big": -1}
+    assert await b.set_session(node, cid, merged, replace=False, limit=LIMIT)
+    assert same_json(await a.get_session(cid), {**values, **merged})
+
+
+async def test_session_of_a_dead_node(store: Store) -> None:
+    a, b, node, cid = await open_conn(store, SHORT_TTL)
+    session: dict[str, Any] = {"room": "r1", "seen": [None, 2]}
+    assert await a.set_session(node, cid, session, replace=True, limit=LIMIT)
+    assert await b.get_session(cid) == session
+    await asyncio.sleep(EXPIRED)
+    assert await b.get_session(cid) is None  # dead, not purged yet: unreadable, yet writable
+    assert await b.set_session(node, cid, {"late": True}, replace=False, limit=LIMIT)
+    session["late"] = True
+    [dead] = await b.purge_dead()
+    assert dead == DeadNode(node, [ConnInfo(cid, "alice", ["room"], session)])
+    assert await b.get_session(cid) is None
+    assert await b.set_session(node, cid, {"x": 1}, replace=False, limit=LIMIT) is False
+    if store.kind == "redis":
+        assert not [k for k in await store.keys() if node in k]
+
+
+async def test_resync_and_remove_node_keep_or_drop_sessions(store: Store) -> None:
+    a, b, node, c1 = await open_conn(store)
+    c2, c3 = client_id(node, 2), client_id(node, 3)
+    await a.add(node, ConnInfo(c2, "bob", ["room"]))
+    assert await a.set_session(node, c1, {"k": [1, None]}, replace=True, limit=LIMIT)
+    assert await a.set_session(node, c2, {"k": 2}, replace=True, limit=LIMIT)
+    # c1 is kept (with a new uid and groups), c2 closed meanwhile, c3 opened meanwhile;
+    # resync ignores ConnInfo.session: sessions are only written by set_session
+    conns = [ConnInfo(c1, "carol", ["other"]), ConnInfo(c3, None, [], {"ignored": 1})]
+    await a.resync(node, conns, TTL, {"connections": 2})
+    assert await b.get_session(c1) == {"k": [1, None]}
+    assert await b.get_session(c2) is None
+    assert await b.get_session(c3) == {}
+    assert await b.client_ids("carol") == [c1]
+    assert not await b.is_online("bob")
+    assert await b.set_session(node, c2, {"k": 3}, replace=False, limit=LIMIT) is False
+    await a.remove_node(node)
+    assert await b.get_session(c1) is None
+    assert await b.set_session(node, c1, {"k": 3}, replace=False, limit=LIMIT) is False
+    if store.kind == "redis":
+        assert not [k for k in await store.keys() if node in k]
+
+
+async def test_thousands_of_groups_and_session_keys(store: Store) -> None:
+    a, b, node, _ = await open_conn(store)
+    c2 = client_id(node, 2)
+    await a.add(node, ConnInfo(c2, "bob", [f"g{i}" for i in range(5000)]))
+    assert await a.heartbeat(node, TTL, {}) is True  # no write failed
+    assert (await b.group_members("g4999")).uids == ["bob"]
+    many = {f"k{i}": i for i in range(10_000)}
+    assert await a.set_session(node, c2, many, replace=True, limit=10**6)
+    assert await b.get_session(c2) == many
+    assert await a.set_session(node, c2, dict.fromkeys(many), replace=False, limit=10**6)
+    assert await b.get_session(c2) == {}
+    assert await a.set_session(node, c2, many, replace=False, limit=10**6)
+    assert await a.set_session(node, c2, {"only": 1}, replace=True, limit=10**6)
+    assert await b.get_session(c2) == {"only": 1}
 
 
 # --- Redis only: an unreachable or silent server ----------------------------------------

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import pytest
 import websockets
 
-from wscluster import Cluster
 from wscluster.config import NodeConfig
 from wscluster.embedded import free_port
 from wscluster.node import Node
@@ -47,7 +46,7 @@ async def test_two_nodes_in_one_process(nodes: list[Node]) -> None:
     await a.ok({"type": "send", "to": "group:g", "data": 2})
     assert (await b.next(type="message"))["data"] == 2
     assert (await a.ok({"type": "presence", "to": "group:g"}))["uids"] == ["bob"]
-    api = Cluster.attach(nodes[0].broker, nodes[0].presence, nodes[0].names, 65536)
+    api = nodes[0].cluster
     await api.send(f"client:{b.client_id}", "direct")
     assert (await b.next(type="message"))["data"] == "direct"
     assert await api.is_online("alice")
@@ -77,8 +76,8 @@ async def test_a_failed_request_never_undoes_a_later_one(nodes: list[Node]) -> N
     entry = node.registry.get(a.client_id)
     assert entry is not None
     undone: list[str] = []
-    stale = node.handlers._undo(entry.conn, lambda: undone.append("stale"))
-    fresh = node.handlers._undo(entry.conn, lambda: undone.append("fresh"))
+    stale = node.ops._undo(entry.conn, lambda: undone.append("stale"))
+    fresh = node.ops._undo(entry.conn, lambda: undone.append("fresh"))
     fresh()  # nothing happened since: it runs
     await a.ok({"type": "join", "group": "later"})  # a later request changes the entry
     stale()  # must not run now

@@ -13,8 +13,10 @@ from .. import frames
 from ..errors import Code
 
 if TYPE_CHECKING:
+    from ..app import Request
     from ..config import NodeConfig
     from ..metrics import Metrics
+    from ..policy import Policy
 
 ABUSE_CLOSE = 1008
 SLOW_CONSUMER_CLOSE = 1013
@@ -33,17 +35,27 @@ class ConnectionHost(Protocol):
 
     def on_text(self, conn: Connection, payload: bytes) -> None: ...
 
+    def on_binary(self, conn: Connection, payload: bytes) -> bool:
+        """Take a binary message (True), or refuse it (False: the client gets an error)."""
+        ...
+
     def on_closed(self, conn: Connection) -> None: ...
 
 
 class Connection(WSListener):
     """A client connection. ``cid`` is set by the node on open."""
 
-    def __init__(self, host: ConnectionHost, peer: str | None) -> None:
+    def __init__(self, host: ConnectionHost, request: Request) -> None:
         super().__init__()
         self.host = host
-        self.peer = peer
+        self.request = request
         self.cid = ""
+        self.raw = False  # an App(raw=True) speaks its own protocol: no error frames
+        self.policy: Policy | None = None  # None: anonymous, everything allowed
+        self.expiry: asyncio.TimerHandle | None = None  # closes 1008 when the token expires
+        self.close_code: int | None = None  # sent or received; None until then
+        self.app: Any = None  # the application's handle (wscluster.conn.Conn), if any
+        self.app_tail: asyncio.Future[None] | None = None  # last queued app handler
         self.transport: WSTransport | None = None
         self.closing = False
         self.congested = False
@@ -55,6 +67,8 @@ class Connection(WSListener):
         cfg = host.config
         self._tokens = float(cfg.abuse_burst)
         self._token_time = time.monotonic()
+        self._rate = float(cfg.rate_burst)  # frame rate limit (token bucket)
+        self._rate_time = self._token_time
 
     # --- picows callbacks ------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -86,12 +100,17 @@ class Connection(WSListener):
             if not self.closing:  # the client started the closing handshake: answer it
                 self.closing = True
                 code = frame.get_close_code()
+                self.close_code = _code(code)
                 valid = isinstance(code, WSCloseCode) and code not in _NOT_ECHOED
                 transport.send_close(code if valid else WSCloseCode.OK)
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
+        if self.close_code is None:
+            self.close_code = _code(WSCloseCode.ABNORMAL_CLOSURE)
+        if self.expiry is not None:
+            self.expiry.cancel()
         self.host.on_closed(self)
 
     def pause_writing(self) -> None:
@@ -114,7 +133,8 @@ class Connection(WSListener):
         if self.closing:
             return
         if binary:
-            self.error(None, Code.BAD_REQUEST, "binary frames are not accepted")
+            if not self.host.on_binary(self, payload):
+                self.error(None, Code.BAD_REQUEST, "binary frames are not accepted")
             return
         self.host.on_text(self, payload)
 
@@ -137,11 +157,19 @@ class Connection(WSListener):
         if frame_id is not None:
             self.reply(frames.ack(frame_id, **result))
 
-    def error(self, frame_id: frames.FrameId, code: Code, message: str) -> None:
+    def error(
+        self, frame_id: frames.FrameId, code: Code, message: str, *, charge: bool | None = None
+    ) -> None:
+        """Answer an error frame (not in raw mode, whose clients do not speak ours). Errors
+        caused by the client (``charge``; by default all but unavailable, internal and
+        rate_limited) spend a token of the abuse bucket: when it is empty, close 1008."""
         self.host.metrics.errors.labels(code=code.value).inc()
-        self.reply(frames.error(frame_id, code.value, message))
-        if code in (Code.UNAVAILABLE, Code.INTERNAL, Code.RATE_LIMITED):
-            return  # not the client's fault
+        if not self.raw:
+            self.reply(frames.error(frame_id, code.value, message))
+        if charge is None:
+            charge = code not in (Code.UNAVAILABLE, Code.INTERNAL, Code.RATE_LIMITED)
+        if not charge:
+            return
         now = time.monotonic()
         cfg = self.host.config
         self._tokens = min(
@@ -158,6 +186,7 @@ class Connection(WSListener):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.close_code = code
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
         transport.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
@@ -167,6 +196,20 @@ class Connection(WSListener):
         asyncio.get_running_loop().call_later(
             _ABORT_AFTER, transport.underlying_transport.abort
         )
+
+    def take_token(self) -> bool:
+        """One frame against the rate limit (``--rate-limit`` per second, ``--rate-burst``)."""
+        cfg = self.host.config
+        if cfg.rate_limit <= 0:
+            return True
+        now = time.monotonic()
+        refill = (now - self._rate_time) * cfg.rate_limit
+        self._rate = min(float(cfg.rate_burst), self._rate + refill)
+        self._rate_time = now
+        if self._rate < 1.0:
+            return False
+        self._rate -= 1.0
+        return True
 
     # --- backpressure on the sender --------------------------------------------------
     def sent(self) -> None:
@@ -193,3 +236,8 @@ class Connection(WSListener):
             self.reading_paused = True
             if self.transport is not None:
                 self.transport.underlying_transport.pause_reading()
+
+
+def _code(code: object) -> int:
+    value = getattr(code, "value", code)
+    return value if isinstance(value, int) else 1006

@@ -126,9 +126,7 @@ class ApiServer:
         app = web.Application(middlewares=[errors_middleware],
                               client_max_size=node.config.max_frame_size)  # fmt: skip
         app[NODE] = node
-        app[CLUSTER] = Cluster.attach(
-            node.broker, node.presence, node.names, node.config.max_message_size
-        )
+        app[CLUSTER] = node.cluster
         app.router.add_post("/api/send", api_send)
         app.router.add_post("/api/close", api_close)
         app.router.add_get("/api/presence", api_presence)

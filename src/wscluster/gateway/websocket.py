@@ -17,6 +17,7 @@ from picows import (
     ws_create_server,
 )
 
+from ..gate import Refusal
 from .connection import Connection
 
 if TYPE_CHECKING:
@@ -62,12 +63,14 @@ class PublicServer:
         if path == b"/ws":
             status = node.accepting()
             if status is not None:
-                node.metrics.refused.labels(status=str(status)).inc()
-                body = b'{"error": "node is full or draining, try another node"}'
-                return _plain(status, body, "application/json")
-            forwarded = request.headers.get("X-Forwarded-For")
-            peer = forwarded.split(",", 1)[0].strip() if forwarded else None
-            return Connection(node, peer)
+                return _refuse(node, status, "node is full or draining, try another node")
+            _, _, query = request.path.partition(b"?")
+            verdict = node.gate.check(
+                path.decode("latin-1"), query.decode("latin-1"), request.headers
+            )
+            if isinstance(verdict, Refusal):
+                return _refuse(node, verdict.status, verdict.reason)
+            return Connection(node, verdict)
         if request.method != b"GET":
             return _plain(405, b"method not allowed", "text/plain")
         if path == b"/healthz":
@@ -99,6 +102,12 @@ class PublicServer:
         if self.server is not None:
             self.server.close()
             self.server = None
+
+
+def _refuse(node: Node, status: int, reason: str) -> WSUpgradeResponseWithListener:
+    node.metrics.refused.labels(status=str(status)).inc()
+    body = msgspec.json.encode({"error": reason})
+    return _plain(status, body, "application/json")
 
 
 def _plain(status: int, body: bytes, content_type: str) -> WSUpgradeResponseWithListener:

@@ -10,9 +10,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from wscluster.naming import Names
-from wscluster.presence.base import ConnInfo, DeadNode, GroupInfo, NodeInfo, Presence
+from wscluster.presence.base import (
+    SESSION_KEY_MAX,
+    ConnInfo,
+    DeadNode,
+    GroupInfo,
+    NodeInfo,
+    Presence,
+)
 
-__all__ = ["ConnInfo", "DeadNode", "GroupInfo", "NodeInfo", "Presence", "create_presence"]
+__all__ = [
+    "SESSION_KEY_MAX",
+    "ConnInfo",
+    "DeadNode",
+    "GroupInfo",
+    "NodeInfo",
+    "Presence",
+    "create_presence",
+]
 
 
 def create_presence(url: str, names: Names, **kwargs: Any) -> Presence:

@@ -13,13 +13,27 @@ Contract every implementation keeps (tests/contract/test_presence.py):
   with its connections) by exactly one caller, however many survivors call it concurrently.
 - ``heartbeat`` returns False when the store did not know the node (the store restarted
   empty, or the node was purged after a long pause): the node must then call ``resync``.
+- A connection's session (a dict of JSON values) lives in the connection's record: written
+  by ``set_session`` only, from any process, gone with the record (``remove``,
+  ``remove_node``, purge). ``purge_dead`` returns it in ``ConnInfo.session``; ``resync``
+  keeps the session of each connection it keeps; ``add`` ignores ``ConnInfo.session``. A
+  session stays within the ``limit`` its writers pass (bytes: the sum over keys of the
+  UTF-8 key plus its JSON value). Reads return None for a connection of a dead node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
+
+from wscluster.errors import Code, ProtocolError, bad_request
+
+log = logging.getLogger("wscluster.presence")
+SESSION_KEY_MAX = 128  # characters in a session key
 
 
 @dataclass(slots=True)
@@ -27,6 +41,7 @@ class ConnInfo:
     client_id: str
     uid: str | None = None
     groups: list[str] = field(default_factory=list)
+    session: dict[str, Any] = field(default_factory=dict)  # see Presence.set_session
 
 
 @dataclass(slots=True)
@@ -54,7 +69,8 @@ class Presence(Protocol):
 
     # --- writes by the owning node ---------------------------------------------------
     async def add(self, node_id: str, conn: ConnInfo) -> None:
-        """A connection opened (uid and groups may already be set)."""
+        """A connection opened (uid and groups may already be set; ``conn.session`` is
+        ignored: see ``set_session``)."""
         ...
 
     async def bind(self, node_id: str, cid: str, old_uid: str | None, uid: str | None) -> None:
@@ -79,7 +95,9 @@ class Presence(Protocol):
     async def resync(
         self, node_id: str, conns: Sequence[ConnInfo], ttl: float, stats: dict[str, Any]
     ) -> None:
-        """Replace whatever the store holds for this node by ``conns`` and mark it alive."""
+        """Replace whatever the store holds for this node by ``conns`` and mark it alive.
+
+        The connections it keeps keep their session (``ConnInfo.session`` is ignored)."""
         ...
 
     async def remove_node(self, node_id: str) -> None:
@@ -87,7 +105,33 @@ class Presence(Protocol):
         ...
 
     async def purge_dead(self) -> list[DeadNode]:
-        """Claim and purge expired nodes; each is returned by exactly one caller."""
+        """Claim and purge expired nodes; each is returned by exactly one caller, with its
+        connections' uids, groups and sessions."""
+        ...
+
+    # --- session: any process ---------------------------------------------------------
+    async def set_session(
+        self, node_id: str, cid: str, values: Mapping[str, Any], *, replace: bool, limit: int
+    ) -> bool:
+        """Write a connection's session; False (nothing written) when the store has no record
+        of ``cid`` (closed, never opened, or its node purged; a dead node's connection not
+        purged yet is still written, and its session handed to the purger).
+
+        ``replace=True``: the session becomes exactly ``values``. ``replace=False``: each key
+        of ``values`` is set, or deleted when its value is None; other keys stay. Keys are
+        non-empty str of up to 128 characters, values anything ``msgspec.json`` encodes
+        (read back as their JSON decoding), else ``ProtocolError(BAD_REQUEST)``. When the
+        resulting session would exceed ``limit`` bytes: ``ProtocolError(TOO_LARGE)``, and
+        nothing is written. ``node_id``: the node holding ``cid`` if known, else
+        ``node_of_client(cid)``; it only orders the write after that node's earlier writes
+        from this instance and names the node to resync if the write fails. The checks on
+        ``values`` alone (BAD_REQUEST; TOO_LARGE when they exceed ``limit`` by themselves)
+        come before the record is looked up."""
+        ...
+
+    async def get_session(self, cid: str) -> dict[str, Any] | None:
+        """A connection's session (maybe empty); None when the store has no record of
+        ``cid`` or its node (``node_of_client``) is not alive."""
         ...
 
     # --- reads (dead nodes filtered out) ---------------------------------------------
@@ -100,3 +144,54 @@ class Presence(Protocol):
     async def nodes(self) -> list[NodeInfo]:
         """Live nodes with the stats of their last heartbeat."""
         ...
+
+
+def encode_session(
+    values: Mapping[str, Any], *, replace: bool, limit: int
+) -> tuple[dict[str, str], list[str]]:
+    """Check a ``set_session`` call: (key -> JSON text to store, keys to delete).
+
+    Raises TOO_LARGE already when the keys to store alone exceed ``limit``."""
+    store: dict[str, str] = {}
+    delete: list[str] = []
+    size = 0
+    for key, value in values.items():
+        if not isinstance(key, str) or not 0 < len(key) <= SESSION_KEY_MAX:
+            raise bad_request(f"session keys are strings of 1 to {SESSION_KEY_MAX} characters")
+        try:
+            key_size = len(key.encode())
+        except UnicodeEncodeError:
+            raise bad_request(f"session key {key!r} is not valid Unicode") from None
+        if value is None and not replace:
+            delete.append(key)
+            continue
+        try:
+            encoded = msgspec.json.encode(value)
+        except (TypeError, ValueError, RecursionError, msgspec.MsgspecError) as exc:
+            raise bad_request(f"session value of {key!r} is not JSON: {exc}") from None
+        size += key_size + len(encoded)
+        store[key] = encoded.decode()
+    if size > limit:
+        raise too_large(limit)
+    return store, delete
+
+
+def decode_session(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A session from its stored form (key -> JSON text); a value that is not JSON (written
+    by something else than ``set_session``) is left out rather than failing a purge."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            out[key] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            log.warning("session key %r of a connection is not JSON: left out", key)
+    return out
+
+
+def session_size(fields: Mapping[str, str]) -> int:
+    """The size a session counts against its limit: UTF-8 bytes of keys and JSON values."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in fields.items())
+
+
+def too_large(limit: int) -> ProtocolError:
+    return ProtocolError(Code.TOO_LARGE, f"session larger than {limit} bytes")

@@ -11,6 +11,9 @@ alive from its heartbeat until ``ttl`` seconds later; readers never report the c
 of a node that is not alive (or never heartbeated), purged or not. ``purge_dead`` runs
 without awaiting, so each dead node is claimed by exactly one caller.
 
+Sessions are stored as JSON text, like in Redis, so that what is read back is the JSON
+decoding of what was written, and the size limit counts the same bytes.
+
 Limits: the state lives and dies with the process; nothing is shared between processes.
 """
 
@@ -18,12 +21,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from wscluster.naming import Names, node_of_client
-from wscluster.presence.base import ConnInfo, DeadNode, GroupInfo, NodeInfo
+from wscluster.presence.base import (
+    ConnInfo,
+    DeadNode,
+    GroupInfo,
+    NodeInfo,
+    decode_session,
+    encode_session,
+    session_size,
+    too_large,
+)
 
 log = logging.getLogger("wscluster.presence")
 
@@ -32,6 +44,7 @@ log = logging.getLogger("wscluster.presence")
 class _Conn:
     uid: str | None
     groups: set[str] = field(default_factory=set)
+    session: dict[str, str] = field(default_factory=dict)  # key -> JSON text
 
 
 @dataclass(slots=True)
@@ -121,7 +134,19 @@ class MemoryPresence:
             self._set_uid(cid, conn.uid, None)
             for group in conn.groups:
                 self._leave(cid, group)
-        return [ConnInfo(cid, c.uid, sorted(c.groups)) for cid, c in sorted(conns.items())]
+        return [
+            ConnInfo(cid, c.uid, sorted(c.groups), decode_session(c.session))
+            for cid, c in sorted(conns.items())
+        ]
+
+    def _find(self, node_id: str, cid: str) -> _Conn | None:
+        """The record of ``cid``, whichever node it was added to (Redis keys it by cid)."""
+        conns = self._s.conns
+        for node in (node_id, node_of_client(cid)):
+            conn = conns.get(node or "", {}).get(cid)
+            if conn is not None:
+                return conn
+        return next((n[cid] for n in conns.values() if cid in n), None)
 
     def _live(self) -> set[str]:
         now = time.monotonic()
@@ -169,10 +194,14 @@ class MemoryPresence:
     async def resync(
         self, node_id: str, conns: Sequence[ConnInfo], ttl: float, stats: dict[str, Any]
     ) -> None:
+        old = self._s.conns.get(node_id, {})
+        sessions = {cid: old[cid].session for cid in {c.client_id for c in conns} if cid in old}
         self._drop_node(node_id)
         self._s.nodes[node_id] = _Node(time.monotonic() + ttl, dict(stats))
         for conn in conns:
             await self.add(node_id, conn)
+        for cid, session in sessions.items():  # kept connections keep their session
+            self._s.conns[node_id][cid].session = session
 
     async def remove_node(self, node_id: str) -> None:
         self._drop_node(node_id)
@@ -185,7 +214,27 @@ class MemoryPresence:
             log.info("purged dead node %s (%d connections)", node.node_id, len(node.connections))
         return out
 
+    async def set_session(
+        self, node_id: str, cid: str, values: Mapping[str, Any], *, replace: bool, limit: int
+    ) -> bool:
+        store, delete = encode_session(values, replace=replace, limit=limit)
+        conn = self._find(node_id, cid)
+        if conn is None:
+            return False
+        gone = set(delete)
+        new = {} if replace else {k: v for k, v in conn.session.items() if k not in gone}
+        new.update(store)
+        if session_size(new) > limit:
+            raise too_large(limit)
+        conn.session = new
+        return True
+
     # --- reads ------------------------------------------------------------------------
+    async def get_session(self, cid: str) -> dict[str, Any] | None:
+        node = node_of_client(cid)
+        conn = self._find(node or "", cid) if node in self._live() else None
+        return None if conn is None else decode_session(conn.session)
+
     async def is_online(self, uid: str) -> bool:
         return bool(await self.client_ids(uid))
 

@@ -4,8 +4,11 @@ Data model, every key built by ``wscluster.naming.Names``: ``nodes`` zset of kno
 ids; ``alive:<node>`` the node's stats JSON with a PX TTL, set by each heartbeat (a node is
 alive while it exists: the server's clock decides, machines' clocks need not agree);
 ``nc:<node>`` hash cid -> uid ('' when none), the index of a node's connections;
-``conn:<cid>`` hash with field ``uid`` and a field ``g:<group>`` per joined group;
-``uid:<uid>`` set of cids; ``grp:<group>`` hash cid -> uid.
+``conn:<cid>`` hash with field ``uid``, a field ``g:<group>`` per joined group and a field
+``s:<key>`` (its JSON text) per session key; ``uid:<uid>`` set of cids; ``grp:<group>``
+hash cid -> uid. The session lives in the conn hash, so whatever deletes the connection
+deletes its session, and a session write (a Lua check-and-set, in the writer's queue) only
+ever writes into an existing hash: no session key can outlive its connection.
 
 Guarantees:
 
@@ -21,6 +24,8 @@ Guarantees:
   dead: one caller wins, however many try. The winner reads the node's connections, then
   removes them with scripts that do nothing once the node is alive again (a paused node
   that comes back is told by its heartbeat to ``resync``).
+- ``resync`` rewrites only the uid and g: fields of the connections it keeps, never their
+  s: fields. A failed session write is not repaired by a resync: its caller must retry.
 - A connection enters its node's index first and leaves it last, so whatever a crash
   leaves behind stays reachable from ``nc:<node>``. If a purger dies after its claim, the
   node's leftovers are never reported again and readers filter them out: they cost memory.
@@ -35,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +51,15 @@ from redis.exceptions import ResponseError
 
 from wscluster.errors import PresenceUnavailable
 from wscluster.naming import Names, node_of_client
-from wscluster.presence.base import ConnInfo, DeadNode, GroupInfo, NodeInfo
+from wscluster.presence.base import (
+    ConnInfo,
+    DeadNode,
+    GroupInfo,
+    NodeInfo,
+    decode_session,
+    encode_session,
+    too_large,
+)
 from wscluster.presence.redis_writer import (
     CLAIM,
     ERRORS,
@@ -64,6 +77,7 @@ READ_CONNECTIONS = 16  # concurrent presence reads per process; more wait for a 
 
 _UID = "uid"  # conn hash field: the uid ('' when none)
 _G = "g:"  # conn hash field prefix: one field per joined group
+_S = "s:"  # conn hash field prefix: one field per session key, holding its JSON text
 
 
 @dataclass(slots=True)
@@ -118,8 +132,11 @@ class RedisPresence:
         fields: list[str] = [_UID, u]
         for group in conn.groups:
             fields += [_G + group, ""]
-        cmds: list[Cmd] = [("HSET", n.node_conns_key(node_id), cid, u),
-                           ("HSET", n.conn_key(cid), *fields)]
+        # Lua's unpack() takes < 8000 values: a connection in thousands of groups takes
+        # several HSETs
+        cmds: list[Cmd] = [("HSET", n.node_conns_key(node_id), cid, u)]
+        cmds += [("HSET", n.conn_key(cid), *fields[i : i + 2000])
+                 for i in range(0, len(fields), 2000)]
         if conn.uid:
             cmds.append(("SADD", n.uid_key(conn.uid), cid))
         return cmds + [("HSET", n.group_key(g), cid, u) for g in conn.groups]
@@ -217,6 +234,20 @@ class RedisPresence:
         size = len(self._local.pop(node_id, ()))
         await self._writer.submit(node_id, run=run, size=size)
 
+    async def set_session(
+        self, node_id: str, cid: str, values: Mapping[str, Any], *, replace: bool, limit: int
+    ) -> bool:
+        store, delete = encode_session(values, replace=replace, limit=limit)
+        args = [str(len(store))]
+        for key, value in store.items():
+            args += [_S + key, value]
+        args += [_S + key for key in delete]
+        cmd = ("SESS", self.names.conn_key(cid), "1" if replace else "0", str(limit), *args)
+        (result,) = await self._writer.submit(node_id, [cmd])
+        if result == -1:
+            raise too_large(limit)
+        return bool(result == 1)
+
     # --- purge ------------------------------------------------------------------------
     async def _read_node(self, client: Redis, node_id: str) -> list[ConnInfo]:
         """The connections the store holds for ``node_id``."""
@@ -233,7 +264,8 @@ class RedisPresence:
         for cid, h in zip(cids, flat, strict=True):
             fields = dict(zip(h[::2], h[1::2], strict=True))
             uid = fields.get(_UID, index[cid]) or None
-            out.append(ConnInfo(cid, uid, sorted(f[2:] for f in fields if f.startswith(_G))))
+            groups = sorted(f[2:] for f in fields if f.startswith(_G))
+            out.append(ConnInfo(cid, uid, groups, _session(fields)))
         return out
 
     async def _drop_node(self, client: Redis, node_id: str) -> list[ConnInfo] | None:
@@ -286,6 +318,14 @@ class RedisPresence:
         live = await self._live_nodes(map(node_of_client, cids))
         return [c for c in cids if node_of_client(c) in live]
 
+    async def get_session(self, cid: str) -> dict[str, Any] | None:
+        node = node_of_client(cid)
+        if node is None:
+            return None
+        fields, alive = await self._query(("HGETALL", self.names.conn_key(cid)),
+                                          ("EXISTS", self.names.alive_key(node)))
+        return _session(fields) if fields and alive else None
+
     async def is_online(self, uid: str) -> bool:
         return bool(await self.client_ids(uid))
 
@@ -302,3 +342,8 @@ class RedisPresence:
         (members,) = await self._query(("ZRANGE", self.names.nodes_key(), 0, -1))
         live = await self._live_nodes(members)
         return [NodeInfo(x, json.loads(v)) for x, v in sorted(live.items())]
+
+
+def _session(fields: dict[str, str]) -> dict[str, Any]:
+    """The session held in a conn hash's fields."""
+    return decode_session({f[2:]: v for f, v in fields.items() if f.startswith(_S)})

@@ -25,8 +25,39 @@ ERRORS = (RedisError, OSError, TimeoutError)
 # KEYS[1] with ARGV[1] '1': a guard, do nothing (return nil) if that alive key exists.
 # ARGV[2]: JSON list of commands [name, args...]; each takes the next key from KEYS, but
 # HB (heartbeat, args: node id, ttl ms, stats JSON, score) takes two: alive and nodes.
-# Returns {position, result, ...} for each HB (1 when the node was known) and each error.
+# SESS (session write on a conn hash, args: replace '1'/'0', limit, n, then n field/JSON
+# pairs to set, then fields to delete): 0 when the hash does not exist, -1 when the
+# session would exceed limit bytes (then it writes nothing), else 1. JSON values stay text.
+# Returns {position, result, ...} for each HB (1 when the node was known), each SESS and
+# each error.
 _APPLY = """
+local function chunked(cmd, key, args)
+  for i = 1, #args, 1000 do
+    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))
+  end
+end
+local function session(key, c)
+  local h = redis.pcall('HGETALL', key)
+  if h.err then return h.err end
+  if #h == 0 then return 0 end
+  local n, new, size, set, del = tonumber(c[4]), {}, 0, {}, {}
+  for i = 5, 4 + 2 * n, 2 do
+    new[c[i]] = true; size = size + #c[i] - 2 + #c[i + 1]
+    set[#set + 1] = c[i]; set[#set + 1] = c[i + 1]
+  end
+  for i = 5 + 2 * n, #c do new[c[i]] = false end
+  for i = 1, #h, 2 do
+    local f = h[i]
+    if string.sub(f, 1, 2) == 's:' then
+      if c[2] == '1' and not new[f] or new[f] == false then del[#del + 1] = f
+      elseif new[f] == nil then size = size + #f - 2 + #h[i + 1] end
+    end
+  end
+  if size > tonumber(c[3]) then return -1 end
+  chunked('HDEL', key, del)
+  chunked('HSET', key, set)
+  return 1
+end
 local k, out = 1, {}
 if ARGV[1] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -40,6 +71,9 @@ for pos, c in ipairs(cjson.decode(ARGV[2])) do
     redis.call('ZADD', KEYS[k + 1], 'NX', c[5], c[2])
     out[#out + 1] = pos; out[#out + 1] = known and 1 or 0
     k = k + 2
+  elseif c[1] == 'SESS' then
+    out[#out + 1] = pos; out[#out + 1] = session(KEYS[k], c)
+    k = k + 1
   else
     local r = redis.pcall(c[1], KEYS[k], unpack(c, 2))
     if type(r) == 'table' and r.err then out[#out + 1] = pos; out[#out + 1] = r.err end
@@ -193,8 +227,9 @@ class BatchWriter:
 async def apply(
     client: Redis, cmds: Sequence[Cmd], pipe_timeout: float, guard: str | None = None
 ) -> list[Any] | None:
-    """Run write ``cmds`` in order with _APPLY; per command: None, an HB result or an
-    error message. With ``guard`` (an alive key), None when the guard key exists."""
+    """Run write ``cmds`` in order with _APPLY; per command: None, an HB or SESS result (an
+    int) or an error message (a str). With ``guard`` (an alive key), None when the guard
+    key exists."""
     calls: list[Cmd] = []
     for start in range(0, len(cmds), SCRIPT_CMDS):
         keys: list[str] = [guard] if guard else []

@@ -1,0 +1,117 @@
+"""Between the upgrade and ``welcome``: the uid a connection arrives with (a JWT's ``sub``,
+or one set by the application's handshake hook), its policy and token expiry, and the
+per-uid connection limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import frames
+from .errors import Code, PresenceUnavailable, ProtocolError
+from .gateway.connection import Connection
+from .policy import Policy
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("wscluster.node")
+POLICY_CLOSE = 1008
+TRY_LATER = 1013
+
+
+class Admission:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def open(self, conn: Connection) -> None:
+        """The connection is registered: bind its uid (if any), then welcome it and run the
+        application's on_connect. With a uid, the welcome waits for the bind's barrier."""
+        node = self.node
+        request = conn.request
+        if request.claims is not None:
+            self.apply_claims(conn, request.claims)
+        uid = request.uid
+        if uid is None:
+            self._welcome(conn, None)
+            return
+        try:
+            self.check_room(uid)
+            barrier = node.ops.bind(conn, uid)
+        except ProtocolError as exc:
+            conn.close(POLICY_CLOSE, exc.message)
+            return
+
+        async def admit() -> None:
+            try:
+                await barrier
+                await self.enforce_limit(conn, uid, None)
+            except ProtocolError as exc:
+                code = POLICY_CLOSE if exc.code is Code.FORBIDDEN else TRY_LATER
+                conn.close(code, exc.message)
+                return
+            finally:
+                conn.sent()
+            self._welcome(conn, uid)
+
+        conn.sending()
+        node.spawn(admit())
+
+    def _welcome(self, conn: Connection, uid: str | None) -> None:
+        node = self.node
+        if conn.closing:
+            return
+        if not conn.raw:
+            conn.reply(frames.encode({
+                "type": "welcome", "client_id": conn.cid, "node": node.node_id, "uid": uid,
+                "heartbeat": _number(node.config.ping_interval),
+            }))  # fmt: skip
+        if node.app_runner is not None:
+            node.app_runner.opened(conn)
+
+    def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
+        """Adopt a verified token: its policy, and a close (1008) when it expires."""
+        conn.request.claims = claims
+        conn.policy = Policy.from_claims(claims)
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        delay = max(0.0, float(claims["exp"]) - time.time())
+        conn.expiry = asyncio.get_running_loop().call_later(
+            delay, conn.close, POLICY_CLOSE, "token expired"
+        )
+
+    def check_room(self, uid: str) -> None:
+        """Refuse (forbidden) when this node alone already holds the uid's limit."""
+        limit = self.node.config.max_connections_per_uid
+        if limit and self.node.registry.uid_size(uid) >= limit:
+            raise ProtocolError(Code.FORBIDDEN, "too many connections for this user")
+
+    async def enforce_limit(self, conn: Connection, uid: str, old: str | None) -> None:
+        """After a bind's barrier: over the cluster-wide limit, undo the bind and refuse.
+        Two connections racing on different nodes may both be refused; never both let in
+        over the limit."""
+        node = self.node
+        limit = node.config.max_connections_per_uid
+        if not limit:
+            return
+        try:
+            timeout = node.config.request_timeout
+            cids = await asyncio.wait_for(node.presence.client_ids(uid), timeout)
+        except (PresenceUnavailable, TimeoutError):
+            raise ProtocolError(Code.UNAVAILABLE, "presence store unavailable") from None
+        if len(cids) <= limit:
+            return
+        entry = node.registry.get(conn.cid)
+        if entry is not None and entry.uid == uid:
+            undo = node.ops.bind(conn, old) if old is not None else node.ops.unbind(conn)
+            try:
+                await undo
+            except ProtocolError:
+                log.warning("could not undo the bind of %s over the uid limit", conn.cid)
+        raise ProtocolError(Code.FORBIDDEN, "too many connections for this user")
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x

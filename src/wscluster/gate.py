@@ -1,0 +1,86 @@
+"""The handshake checks of a node, in order: full or draining (503), Origin (403), JWT
+(401), the uid's connections on this node (429), then the application's ``on_handshake``.
+Synchronous: picows decides the upgrade in a plain callback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from .app import Reject, Request
+from .auth import AuthError, JwtVerifier, OriginPolicy, token_from
+from .config import NodeConfig
+
+log = logging.getLogger("wscluster.node")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    reason: str
+
+
+def make_verifier(config: NodeConfig) -> JwtVerifier | None:
+    """The JWT verifier the options ask for (ValueError with a clear message if bad)."""
+    kw = {"audience": config.jwt_audience, "issuer": config.jwt_issuer,
+          "leeway": config.jwt_leeway}  # fmt: skip
+    if config.jwt_secret:
+        return JwtVerifier(secret=config.jwt_secret, **kw)  # type: ignore[arg-type]
+    if config.jwt_public_key:
+        if not Path(config.jwt_public_key).is_file():
+            raise ValueError(f"--jwt-public-key {config.jwt_public_key}: no such file")
+        return JwtVerifier.from_file(config.jwt_public_key, **kw)  # type: ignore[arg-type]
+    return None
+
+
+class Gate:
+    def __init__(
+        self,
+        config: NodeConfig,
+        verifier: JwtVerifier | None,
+        uid_count: Callable[[str], int],
+        app_hook: Callable[[Request], Reject | None] | None,
+    ) -> None:
+        origins = config.origins
+        self.origins = (
+            OriginPolicy(origins, config.allow_missing_origin) if origins is not None else None
+        )
+        self.verifier = verifier
+        self.per_uid = config.max_connections_per_uid
+        self.uid_count = uid_count
+        self.app_hook = app_hook
+
+    def check(
+        self, path: str, query: str, headers: Mapping[str, str]
+    ) -> Request | Refusal:
+        if self.origins is not None and not self.origins.allows(headers.get("Origin")):
+            return Refusal(403, "origin not allowed")
+        forwarded = headers.get("X-Forwarded-For")
+        peer = forwarded.split(",", 1)[0].strip() or None if forwarded else None
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        request = Request(path, params, headers, peer)
+        if self.verifier is not None:
+            token = token_from(query, headers)
+            if token is None:
+                return Refusal(401, "missing token")
+            try:
+                claims = self.verifier.verify(token)
+            except AuthError as exc:
+                return Refusal(401, exc.reason)
+            request.claims, request.uid = claims.raw, claims.uid
+            if self.per_uid and self.uid_count(claims.uid) >= self.per_uid:
+                return Refusal(429, "too many connections for this user")
+        if self.app_hook is not None:
+            try:
+                verdict = self.app_hook(request)
+            except Reject as exc:
+                verdict = exc
+            except Exception:
+                log.exception("on_handshake failed")
+                return Refusal(500, "internal error")
+            if isinstance(verdict, Reject):
+                return Refusal(verdict.status, verdict.reason)
+        return request

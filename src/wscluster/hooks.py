@@ -1,0 +1,158 @@
+"""Runs an application's handlers on a node. Handlers of one connection run one after the
+other, in frame order (on_connect first, on_close last), so the sends they make keep the
+per-sender order; each call counts against the connection's in-flight bound, so a slow
+handler pauses reading that socket instead of queueing without limit. An exception in a
+handler is logged and counted, answers ``internal`` to that client, and harms nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from picows import WSMsgType
+
+from .app import App, Closed
+from .conn import Conn
+from .errors import Code, ProtocolError
+from .gateway.connection import Connection
+from .policy import Action
+from .presence.base import ConnInfo
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("wscluster.app")
+
+
+class AppRunner:
+    def __init__(self, node: Node, app: App) -> None:
+        self.node = node
+        self.app = app
+
+    # --- per connection, in order --------------------------------------------------------
+    def opened(self, conn: Connection) -> None:
+        conn.app = Conn(self.node, conn)
+        hook = self.app.connect_hook
+        if hook is not None:
+            self._queue(conn, lambda: hook(conn.app), "on_connect", None)
+
+    def message(self, conn: Connection, frame_id: Any, payload: bytes) -> None:
+        hook = self.app.message_hook
+        assert hook is not None
+        frame = msgspec.json.decode(payload)
+        self._queue(conn, lambda: hook(conn.app, frame), "on_message", frame_id)
+
+    def raw_message(self, conn: Connection, payload: bytes, binary: bool = False) -> None:
+        hook = self.app.message_hook
+        if hook is None:
+            return
+        data: str | bytes = payload if binary else payload.decode("utf-8", "replace")
+        self._queue(conn, lambda: hook(conn.app, data), "on_message", None)
+
+    def closed(
+        self, conn: Connection, uid: str | None, groups: set[str], session: dict[str, Any]
+    ) -> None:
+        hook = self.app.close_hook
+        if hook is None:
+            return
+        code = conn.close_code or 1006
+        info = Closed(conn.cid, uid, frozenset(groups), code, session, False, conn.request.state)
+        self._queue(conn, lambda: hook(info), "on_close", None)
+
+    def authorize(self, conn: Connection, action: Action, target: str) -> bool | None:
+        hook = self.app.authorize_hook
+        if hook is None:
+            return None
+        try:
+            verdict = hook(conn.app, action, target)
+        except Exception:
+            log.exception("authorize failed: refusing %s %s", action, target[:64])
+            self.node.metrics.app_errors.labels(hook="authorize").inc()
+            return False
+        return None if verdict is None else bool(verdict)
+
+    # --- connections of a dead node (fired by the survivor that purged it) ----------------
+    def node_died(self, conns: list[ConnInfo]) -> None:
+        hook = self.app.close_hook
+        if hook is None:
+            return
+        for c in conns:
+            info = Closed(c.client_id, c.uid, frozenset(c.groups), 1006, c.session, True)
+            self.node.spawn(self._guard(functools.partial(hook, info), "on_close"))
+
+    # --- helpers -----------------------------------------------------------------------
+    def _queue(
+        self, conn: Connection, call: Callable[[], Any], what: str, frame_id: Any
+    ) -> None:
+        prev = conn.app_tail
+        answer = frame_id is not None and not conn.raw
+        conn.sending()
+
+        async def run() -> None:
+            try:
+                if prev is not None and not prev.done():
+                    await asyncio.wait([prev])
+                result = await self._call(conn, call, what, answer, frame_id)
+                if result is _FAILED or what != "on_message" or conn.closing:
+                    return
+                if answer:
+                    conn.ack(frame_id, result=result)
+                elif conn.raw and result is not None:
+                    _write_raw(conn, result)
+            finally:
+                conn.sent()
+
+        task = asyncio.ensure_future(run())
+        conn.app_tail = task
+        self.node.spawn(task)
+
+    async def _call(
+        self, conn: Connection, call: Callable[[], Any], what: str, answer: bool, frame_id: Any
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(_result(call()), self.app.message_timeout)
+        except ProtocolError as exc:
+            if answer or not conn.raw:
+                conn.error(frame_id, exc.code, exc.message, charge=False)
+        except Exception as exc:
+            self.node.metrics.app_errors.labels(hook=what).inc()
+            if isinstance(exc, TimeoutError):
+                log.error("%s of %s took longer than %ss", what, conn.cid, self.app.message_timeout)
+            else:
+                log.exception("%s of %s failed", what, conn.cid)
+            if what == "on_message" and not conn.raw:
+                conn.error(frame_id, Code.INTERNAL, "internal error")
+        return _FAILED
+
+    async def _guard(self, call: Callable[[], Any], what: str) -> None:
+        try:
+            await asyncio.wait_for(_result(call()), self.app.message_timeout)
+        except Exception:
+            self.node.metrics.app_errors.labels(hook=what).inc()
+            log.exception("%s failed", what)
+
+
+class _Failed:
+    pass
+
+
+_FAILED: Any = _Failed()
+
+
+async def _result(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _write_raw(conn: Connection, result: Any) -> None:
+    if isinstance(result, bytes):
+        conn.push(result, WSMsgType.BINARY)
+    elif isinstance(result, str):
+        conn.reply(result.encode())
+    else:
+        conn.reply(msgspec.json.encode(result))
