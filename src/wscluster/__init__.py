@@ -1,14 +1,24 @@
 """wscluster: N WebSocket gateway nodes that act as one server, over Redis."""
 
+from .app import App, AppError, Closed, Reject, Request
 from .cluster import Cluster, SyncCluster
+from .conn import Conn
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
+from .policy import Action
 
 __all__ = [
+    "Action",
+    "App",
+    "AppError",
     "BrokerUnavailable",
+    "Closed",
     "Cluster",
     "Code",
+    "Conn",
     "PresenceUnavailable",
     "ProtocolError",
+    "Reject",
+    "Request",
     "SyncCluster",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from .app import App, load_app
 from .broker import create_broker
 from .cluster import Cluster
 from .config import NodeConfig
+from .drain import drain_connections
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gate import Gate, make_verifier
 from .gateway.connection import Connection
@@ -105,33 +105,11 @@ class Node:
 
     async def drain(self) -> None:
         """SIGTERM: refuse new handshakes, close clients in batches with 1012, stragglers
-        with 1001 at the timeout, remove our presence, stop."""
+        with 1001 at the timeout, remove our presence, stop (see drain.py)."""
         if self.draining:
             return
         self.draining = True
-        cfg = self.config
-        log.info("draining %d connections (timeout %.1fs)", len(self.registry), cfg.drain_timeout)
-        deadline = time.monotonic() + cfg.drain_timeout
-        conns = [e.conn for _, e in self.registry.items()]
-        # Stop reading first, so every request already taken gets its answer before 1012.
-        for conn in conns:
-            conn.freeze()
-        settle = time.monotonic() + cfg.drain_timeout / 4
-        while any(c.inflight for c in conns) and time.monotonic() < settle:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        step = max(0.05, (cfg.drain_timeout / 2) / max(1, len(conns) // cfg.drain_batch + 1))
-        for i in range(0, len(conns), cfg.drain_batch):
-            late = time.monotonic() >= deadline
-            for conn in conns[i : i + cfg.drain_batch]:
-                if late:  # out of time: no reconnect hint, just going away
-                    conn.close(1001, "node stopping")
-                else:
-                    retry = int(random.uniform(0.2, 1.0) * 500 * max(1.0, cfg.drain_timeout))
-                    conn.close(1012, f'{{"retry_ms": {retry}}}')
-            if i + cfg.drain_batch < len(conns):
-                await asyncio.sleep(step)
-        while len(self.registry) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        await drain_connections(self)
         await self.stop()
 
     async def stop(self) -> None:

@@ -20,8 +20,11 @@ from .wsclient import close_all
 
 
 class NodeProc:
-    def __init__(self, index: int, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, index: int, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.index = index
+        self.env = env  # extra environment variables for the node process
         self.port = free_port()
         self.api_port = free_port()
         self.args = args
@@ -51,7 +54,8 @@ class NodeProc:
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
         log.close()
         if wait:
             self.wait_healthy()
@@ -90,11 +94,14 @@ class NodeProc:
 
 
 class Cluster:
-    def __init__(self, redis_url: str, n: int, log_dir: Path, extra: list[str]) -> None:
+    def __init__(
+        self, redis_url: str, n: int, log_dir: Path, extra: list[str],
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.redis_url = redis_url
         self.namespace = f"t{uuid.uuid4().hex[:10]}"
         base = ["--broker", redis_url, "--namespace", self.namespace, *extra]
-        self.nodes = [NodeProc(i, base, log_dir) for i in range(n)]
+        self.nodes = [NodeProc(i, base, log_dir, env) for i in range(n)]
 
     @property
     def ws_urls(self) -> list[str]:
@@ -122,8 +129,11 @@ class Cluster:
             node.kill()
 
 
-def _make(redis_url: str, tmp: Path, n: int = 3, extra: list[str] | None = None) -> Cluster:
-    cluster = Cluster(redis_url, n, tmp, extra or [])
+def _make(
+    redis_url: str, tmp: Path, n: int = 3, extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Cluster:  # fmt: skip
+    cluster = Cluster(redis_url, n, tmp, extra or [], env)
     cluster.start()
     return cluster
 
@@ -138,11 +148,15 @@ def cluster(valkey: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[object]:
-    """Factory for a private cluster a test may break: make_cluster(redis_url, n, extra)."""
+    """Factory for a private cluster a test may break: make_cluster(redis_url, n, extra, env)
+    (``env``: extra environment variables for the node processes)."""
     made: list[Cluster] = []
 
-    def factory(redis_url: str, n: int = 3, extra: list[str] | None = None) -> Cluster:
-        c = _make(redis_url, tmp_path, n, extra)
+    def factory(
+        redis_url: str, n: int = 3, extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Cluster:  # fmt: skip
+        c = _make(redis_url, tmp_path, n, extra, env)
         made.append(c)
         return c
 

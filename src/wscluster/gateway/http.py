@@ -106,6 +106,55 @@ async def api_presence(request: web.Request) -> web.Response:
     raise bad_request("presence takes ?to=uid:<uid> or ?to=group:<name>")
 
 
+def _str(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise bad_request(f"'{field}' must be a string")
+    return value
+
+
+async def api_bind(request: web.Request) -> web.Response:
+    body = await _body(request)
+    cluster = request.app[CLUSTER]
+    ok = await cluster.bind_uid(_str(body, "client_id"), _str(body, "uid"))
+    return _json({"ok": ok})
+
+
+async def api_unbind(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return _json({"ok": await request.app[CLUSTER].unbind_uid(_str(body, "client_id"))})
+
+
+async def api_join(request: web.Request) -> web.Response:
+    body = await _body(request)
+    cluster = request.app[CLUSTER]
+    return _json({"ok": await cluster.join(_str(body, "client_id"), _str(body, "group"))})
+
+
+async def api_leave(request: web.Request) -> web.Response:
+    body = await _body(request)
+    cluster = request.app[CLUSTER]
+    return _json({"ok": await cluster.leave(_str(body, "client_id"), _str(body, "group"))})
+
+
+async def api_get_session(request: web.Request) -> web.Response:
+    cid = request.query.get("client_id", "")
+    return _json({"session": await request.app[CLUSTER].get_session(cid)})
+
+
+async def api_set_session(request: web.Request) -> web.Response:
+    body = await _body(request)
+    cid, values = _str(body, "client_id"), body.get("session")
+    if not isinstance(values, dict):
+        raise bad_request("'session' must be a JSON object")
+    merge = body.get("merge", False)
+    if not isinstance(merge, bool):
+        raise bad_request("'merge' must be a boolean")
+    cluster = request.app[CLUSTER]
+    write = cluster.update_session if merge else cluster.set_session
+    return _json({"ok": await write(cid, values)})
+
+
 async def api_stats(request: web.Request) -> web.Response:
     return _json(await request.app[CLUSTER].stats())
 
@@ -131,6 +180,12 @@ class ApiServer:
         app.router.add_post("/api/close", api_close)
         app.router.add_get("/api/presence", api_presence)
         app.router.add_get("/api/stats", api_stats)
+        app.router.add_post("/api/bind", api_bind)
+        app.router.add_post("/api/unbind", api_unbind)
+        app.router.add_post("/api/join", api_join)
+        app.router.add_post("/api/leave", api_leave)
+        app.router.add_get("/api/session", api_get_session)
+        app.router.add_post("/api/session", api_set_session)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", metrics)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -1,0 +1,1 @@
+"""Example applications (``wscluster up --app examples.<name>.app:app`` from the repo root)."""

@@ -1,0 +1,1 @@
+"""Applications loaded by test node processes (``--app tests.cluster.apps.<module>:app``)."""

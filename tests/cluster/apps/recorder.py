@@ -1,0 +1,108 @@
+"""A test application (tests/cluster/test_apps.py) that exercises every hook and records
+each ``on_close`` call into Redis, so a test can count how often, and where, it fired.
+
+Query parameters: ``?deny=1`` refuses the handshake (403); ``?user=U`` binds U and
+``?room=R`` joins R in on_connect, which then greets with a ``message`` (``greeting``).
+The whole query becomes ``conn.state["query"]``.
+
+Needs ``RECORDER_REDIS_URL`` in the environment; on_close does ``RPUSH
+<namespace>:test:closed <json>`` for every ``Closed`` it receives, with the pid of the
+node process that fired it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from redis.asyncio import Redis
+
+from wscluster import App, AppError, Closed, Conn, Reject, Request
+
+app = App()
+_store: Redis | None = None
+
+
+def closed_key(namespace: str) -> str:
+    return f"{namespace}:test:closed"
+
+
+def _redis() -> Redis:
+    global _store
+    if _store is None:
+        _store = Redis.from_url(os.environ["RECORDER_REDIS_URL"])
+    return _store
+
+
+@app.on_handshake
+def handshake(request: Request) -> None:
+    if request.query.get("deny") == "1":
+        raise Reject(403, "denied by the application")
+    request.state["query"] = dict(request.query)
+
+
+@app.on_connect
+async def connect(conn: Conn) -> None:
+    query = conn.state.get("query", {})
+    conn.state["connected"] = True
+    if query.get("user"):
+        await conn.bind(query["user"])
+    if query.get("room"):
+        await conn.join(query["room"])
+    conn.send({"greeting": True, "client_id": conn.client_id, "uid": conn.uid,
+               "groups": sorted(conn.groups), "state": conn.state})  # fmt: skip
+
+
+async def _control(frame: dict[str, Any]) -> bool:
+    cluster = app.cluster
+    action, cid = frame["action"], frame["cid"]
+    if action == "join":
+        return await cluster.join(cid, frame["arg"])
+    if action == "leave":
+        return await cluster.leave(cid, frame["arg"])
+    if action == "bind":
+        return await cluster.bind_uid(cid, frame["arg"])
+    if action == "unbind":
+        return await cluster.unbind_uid(cid)
+    raise AppError("bad_request", f"no action {action!r}")
+
+
+@app.on_message
+async def message(conn: Conn, frame: dict[str, Any]) -> Any:
+    kind = frame["type"]
+    if kind == "echo":
+        return frame
+    if kind == "boom":
+        raise RuntimeError("boom (a test of the on_message error path)")
+    if kind == "slow":
+        await asyncio.sleep(float(frame.get("seconds", 0.5)))
+        return {"slept": frame.get("seconds", 0.5)}
+    if kind == "whoami":
+        return {"client_id": conn.client_id, "node": conn.node_id, "uid": conn.uid,
+                "groups": sorted(conn.groups), "state": conn.state}  # fmt: skip
+    if kind == "setsess":
+        await conn.update_session(frame["values"])
+        return {}
+    if kind == "getsess":
+        return {"session": await conn.get_session()}
+    if kind == "kick":
+        await app.cluster.close(frame["to"])
+        return {}
+    if kind == "relay":
+        await app.cluster.send(frame["to"], frame["data"])
+        return {}
+    if kind == "control":
+        return {"ok": await _control(frame)}
+    raise AppError("unknown_type", f"the recorder app has no {kind!r}")
+
+
+@app.on_close
+async def close(closed: Closed) -> None:
+    record = {
+        "client_id": closed.client_id, "code": closed.code, "node_died": closed.node_died,
+        "session": closed.session, "uid": closed.uid, "groups": sorted(closed.groups),
+        "state": closed.state, "pid": os.getpid(),
+    }  # fmt: skip
+    await _redis().rpush(closed_key(app.cluster.names.ns), json.dumps(record))
