@@ -72,12 +72,14 @@ class Admission:
             node.app_runner.opened(conn)
 
     def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
-        """Adopt a verified token: its policy, and a close (1008) when it expires."""
+        """Adopt a verified token: its policy, and a close (1008) when it expires. The
+        handshake accepted ``exp`` within ``--jwt-leeway``: the close honours it too."""
         conn.request.claims = claims
         conn.policy = Policy.from_claims(claims)
         if conn.expiry is not None:
             conn.expiry.cancel()
-        delay = max(0.0, float(claims["exp"]) - time.time())
+        leeway = self.node.config.jwt_leeway
+        delay = max(0.0, float(claims["exp"]) + leeway - time.time())
         conn.expiry = asyncio.get_running_loop().call_later(
             delay, conn.close, POLICY_CLOSE, "token expired"
         )

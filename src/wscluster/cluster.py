@@ -122,6 +122,10 @@ class Cluster:
         """Push ``payload`` to the receivers exactly as given (an application's own wire
         format); ``binary`` sends it as a binary WebSocket frame."""
         address = parse_address(to)
+        if not isinstance(payload, bytes):
+            raise bad_request("a verbatim payload is bytes")
+        if len(payload) > self.max_message_size:
+            raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
         env = envelope.deliver(address, payload, exclude=_ids(exclude), binary=binary)
         await self._publish(channel_for(self.names, address), env)
 

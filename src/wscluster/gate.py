@@ -61,6 +61,7 @@ class Gate:
         forwarded = headers.get("X-Forwarded-For")
         peer = forwarded.split(",", 1)[0].strip() or None if forwarded else None
         params = dict(parse_qsl(query, keep_blank_values=True))
+        params.pop("token", None)  # never handed to the app, which might log it
         request = Request(path, params, headers, peer)
         if self.verifier is not None:
             token = token_from(query, headers)

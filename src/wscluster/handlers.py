@@ -41,7 +41,9 @@ class Handlers:
         node = self.node
         runner = node.app_runner
         if runner is not None and runner.app.raw:
-            if conn.take_token():
+            if len(payload) > node.config.max_message_size:
+                conn.close(1009, "message too big")  # a raw client gets no error frames
+            elif conn.take_token():
                 runner.raw_message(conn, payload)
             else:
                 conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
@@ -54,7 +56,7 @@ class Handlers:
         if len(payload) > node.config.max_message_size:
             conn.error(cmd.id, Code.TOO_LARGE, f"over {node.config.max_message_size} bytes")
             return
-        if not conn.take_token():
+        if not conn.take_token() and cmd.type != "ping":  # ping is always answered
             conn.error(cmd.id, Code.RATE_LIMITED, "too many frames, slow down", charge=True)
             return
         handler = self._table.get(cmd.type)

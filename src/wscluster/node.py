@@ -176,7 +176,9 @@ class Node:
     def on_binary(self, conn: Connection, payload: bytes) -> bool:
         if not conn.raw or self.app_runner is None:
             return False
-        if conn.take_token():
+        if len(payload) > self.config.max_message_size:
+            conn.close(1009, "message too big")
+        elif conn.take_token():
             self.app_runner.raw_message(conn, payload, binary=True)
         else:
             conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)

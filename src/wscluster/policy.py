@@ -111,7 +111,15 @@ class Policy:
         if action == Action.LOGIN:
             return None
         if action == Action.PRESENCE:
-            return None if self.presence else "presence queries not allowed"
+            if not self.presence:
+                return "presence queries not allowed"
+            group = _group_name(target)
+            # a token limited to some groups may only see the members of those it may join
+            if group is None or self._join is None or group in joined:
+                return None
+            if _matches(self._join, group) or _matches(self._send, group):
+                return None
+            return "not allowed to see this group"
         if action == Action.JOIN:
             group = _group_name(target)
             if group is None:

@@ -129,11 +129,15 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         port = args.base_port + i
         lines.append(f"  node{i}: ws://{args.host}:{port}/ws   page http://{args.host}:{port}/"
                      f"   api http://127.0.0.1:{port + 1000}/api/")  # fmt: skip
+    try_it = [f"  {python} -m websockets ws://{args.host}:{args.base_port + 1}/ws"]
+    if args.app is None:  # an application may speak its own protocol
+        try_it.append('    then type: {"type": "login", "uid": "alice"}')
+    else:
+        try_it.append(f"    (application {args.app} on every node)")
     lines += [
         "",
         "Try it:",
-        f"  {python} -m websockets ws://{args.host}:{args.base_port + 1}/ws",
-        '    then type: {"type": "login", "uid": "alice"}',
+        *try_it,
         f"  {cli} send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
         f"  {cli} status --broker {broker}{ns}",
         "",

@@ -247,3 +247,13 @@ def test_malformed_presence_means_false(value: Any) -> None:
 def test_login_is_always_allowed_by_policy() -> None:
     policy = Policy.from_claims({"groups": [], "presence": False, "can_broadcast": False})
     assert policy.decide(Action.LOGIN, "uid:anyone", ()) is None
+
+
+def test_presence_of_groups_follows_the_groups_claim() -> None:
+    policy = Policy.from_claims({"groups": ["room:*"], "send_groups": ["news:*"]})
+    assert policy.decide(Action.PRESENCE, "group:room:1", ()) is None
+    assert policy.decide(Action.PRESENCE, "group:news:1", ()) is None
+    assert policy.decide(Action.PRESENCE, "group:lobby", ()) is not None
+    assert policy.decide(Action.PRESENCE, "group:lobby", ("lobby",)) is None  # joined
+    assert policy.decide(Action.PRESENCE, "uid:bob", ()) is None
+    assert Policy.from_claims({}).decide(Action.PRESENCE, "group:any", ()) is None

@@ -1,0 +1,1 @@
+"""wscluster benchmark suite: ``python -m bench --help``."""

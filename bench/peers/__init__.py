@@ -1,0 +1,1 @@
+"""Peer servers the benchmark compares wscluster with (started as child processes)."""
