@@ -54,9 +54,15 @@ def es(ec_key: ec.EllipticCurvePrivateKey) -> JwtVerifier:
     return JwtVerifier(public_key=_pem(ec_key))
 
 
+class Rel(int):
+    """A time relative to when the token is made (parametrize lists are built at import,
+    possibly minutes before the test runs)."""
+
+
 def claims(**extra: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"sub": "alice", "exp": int(time.time()) + 300}
-    base.update(extra)
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": "alice", "exp": now + 300}
+    base.update({k: now + int(v) if isinstance(v, Rel) else v for k, v in extra.items()})
     return {k: v for k, v in base.items() if v is not ...}
 
 
@@ -115,15 +121,12 @@ def test_sub_of_128_characters_and_float_exp_are_fine(hs: JwtVerifier) -> None:
     assert result.exp == exp
 
 
-NOW = int(time.time())
-
-
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        ({"exp": NOW - 10}, "token expired"),
-        ({"nbf": NOW + 60}, "token not yet valid"),
-        ({"iat": NOW + 60}, "token not yet valid"),
+        ({"exp": Rel(-10)}, "token expired"),
+        ({"nbf": Rel(3600)}, "token not yet valid"),
+        ({"iat": Rel(3600)}, "token not yet valid"),
         ({"iat": "yesterday"}, "invalid claim: iat"),
         ({"exp": ...}, "missing claim: exp"),
         ({"exp": None}, "missing claim: exp"),
@@ -161,10 +164,10 @@ IDP = "https://idp.example"
         ({"issuer": IDP}, {"iss": "https://evil.example"}, "wrong issuer"),
         ({"issuer": IDP}, {}, "missing claim: iss"),
         ({}, {"iss": "whoever"}, None),
-        ({}, {"exp": NOW - 5}, "token expired"),
-        ({"leeway": 30}, {"exp": NOW - 5}, None),
-        ({"leeway": 30}, {"nbf": NOW + 5}, None),
-        ({}, {"nbf": NOW - 60, "iat": NOW - 60}, None),
+        ({}, {"exp": Rel(-5)}, "token expired"),
+        ({"leeway": 30}, {"exp": Rel(-5)}, None),
+        ({"leeway": 30}, {"nbf": Rel(5)}, None),
+        ({}, {"nbf": Rel(-60), "iat": Rel(-60)}, None),
     ],
 )
 def test_verifier_options(
