@@ -13,6 +13,7 @@ from typing import Any
 COLORS = {"wscluster": "tab:blue", "python-socketio": "tab:orange",
           "socketio-node": "tab:green", "picows-echo": "tab:gray"}  # fmt: skip
 PCTS = ("p50", "p90", "p99", "max")
+SMOOTH_S = 0.5  # the timeline's resolution
 
 
 def draw(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -38,8 +39,8 @@ def draw(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
         else:
             _storm(row[0], runs)
             _bars(row[1], runs, "reconnects_per_s", "storm: reconnects/s")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(scenarios))))  # 0.4 in for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -52,10 +53,12 @@ def _color(system: str) -> str:
 def _timeline(ax: Any, runs: list[dict[str, Any]], scenario: str) -> None:
     for r in runs:
         tl = r.get("timeline") or {}
-        counts = tl.get("deliveries", [])
-        step = tl.get("bucket_s", 0.1)
+        raw, bucket = tl.get("deliveries", []), tl.get("bucket_s", 0.1)
+        k = max(1, round(SMOOTH_S / bucket))  # sum 100 ms buckets into SMOOTH_S
+        counts = [sum(raw[i : i + k]) for i in range(0, len(raw), k)]
+        step = bucket * k
         per_s = [c / step for c in counts]
-        xs = [i * step for i in range(len(per_s))]
+        xs = [(i + 0.5) * step for i in range(len(per_s))]
         # phases start at different times per system: align each on its first phase
         x0 = (tl.get("phase_starts") or [0])[0]
         ax.plot([x - x0 for x in xs], per_s, label=r["system"], color=_color(r["system"]),

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from .wire import Client, Sink, connect
 
@@ -289,9 +289,10 @@ class Load:
         results: list[Any] = [None] * len(self.pipes)
         deadline = time.monotonic() + timeout
         while pending:
-            for pipe in wait(list(pending), timeout=0.2):
-                i = pending.pop(pipe)  # type: ignore[call-overload]
-                got, value = pipe.recv()  # type: ignore[union-attr]
+            for ready in wait(list(pending), timeout=0.2):
+                pipe = cast(Connection, ready)
+                i = pending.pop(pipe)
+                got, value = pipe.recv()
                 if got == "error":
                     raise RuntimeError(f"load process {i} failed on {tag!r}:\n{value}")
                 results[i] = value

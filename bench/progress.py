@@ -20,8 +20,10 @@ class Bar:
         try:
             from tqdm import tqdm
 
+            # a time-based bar (unit "s") shows seconds, not "s/s"
+            fmt = "{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}" if unit == "s" else None
             self._tqdm = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False,
-                              dynamic_ncols=True, bar_format=None)  # fmt: skip
+                              dynamic_ncols=True, bar_format=fmt)  # fmt: skip
         except ImportError:
             pass
 

@@ -60,8 +60,10 @@ def ratio(mine: Any, theirs: Any, better: str) -> str:
     if theirs == 0:
         return "=" if mine == 0 else "-"
     r = mine / theirs
+    if abs(r - 1) < 0.02:  # a tie
+        return f"{r:.2f}x"
     win = r > 1 if better == HIGHER else r < 1
-    return f"{r:.2f}x{' +' if win else ''}"
+    return f"{r:.2f}x {'+' if win else '-'}"
 
 
 def _fmt(v: Any) -> str:
@@ -101,7 +103,10 @@ def table(results: list[dict[str, Any]]) -> list[list[str]]:
 def render(rows: list[list[str]]) -> str:
     """A Markdown table (pasteable into docs/performance.md)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
 

@@ -25,7 +25,10 @@ def percentiles(samples: array.array[float]) -> dict[str, float | None]:
     if not samples:
         return {"p50": None, "p90": None, "p99": None, "max": None}
     s = sorted(samples)
-    pick = lambda q: round(s[min(len(s) - 1, int(q * len(s)))], 2)  # noqa: E731
+
+    def pick(q: float) -> float:
+        return round(s[min(len(s) - 1, int(q * len(s)))], 2)
+
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(s[-1], 2)}
 
 
@@ -51,10 +54,8 @@ def plan(scenario: str, system: System, a: argparse.Namespace) -> list[list[Spec
         for i in range(a.idle):
             per[i % len(per)].append((urls[0], None, None, None, 0))
     elif scenario == "storm":
-        restore = system.name != "picows-echo"  # the echo server has no login/join
-        for i in range(a.storm):
-            uid, group = (f"u{i}", f"g{i % 100}") if restore else (None, None)
-            per[i % len(per)].append((urls[i % n], uid, group, None, 0))
+        for i in range(a.storm):  # logged in and in one group, restored on reconnect
+            per[i % len(per)].append((urls[i % n], f"u{i}", f"g{i % 100}", None, 0))
     return per
 
 
@@ -75,8 +76,9 @@ class Run:
     def open(self) -> dict[str, Any]:
         total = sum(len(s) for s in self.specs)
         bar = Bar(total, f"{self.system.name} {self.scenario}: connect", "conn")
-        kw = [{"proto": self.system.proto, "specs": s, "concurrency": self.a.concurrency,
-               "sources": self.a.sources, "origin": self.t0} for s in self.specs]  # fmt: skip
+        kw: list[dict[str, Any] | None] = [
+            {"proto": self.system.proto, "specs": s, "concurrency": self.a.concurrency,
+             "sources": self.a.sources, "origin": self.t0} for s in self.specs]  # fmt: skip
         try:
             res = self.load.call("open", kw, tick=lambda: bar.update_to(
                 self.load.total(CONNECTED)))  # fmt: skip
@@ -155,6 +157,8 @@ def run_messages(run: Run) -> dict[str, Any]:
     time.sleep(0.5)  # joins are acked barriers already; let presence writes settle
     rate = {"fanout": a.fanout_rate, "private": a.private_rate, "rooms": a.rooms_rate}
     total_rate = rate[run.scenario]
+    window = a.windows[run.scenario]
+    out["window"] = window
     senders = [sum(1 for s in spec if s[3] is not None) for spec in run.specs]
     n_senders = max(1, sum(senders))
     phases: list[dict[str, Any]] = []
@@ -162,7 +166,7 @@ def run_messages(run: Run) -> dict[str, Any]:
     for (phase, name), secs in zip(PHASES, (a.duration, a.flat), strict=True):
         flat = phase == 1
         kw = [None if not k else {"phase": phase, "rate": total_rate * k / n_senders,
-                                  "duration": secs, "window": a.window, "flat": flat}
+                                  "duration": secs, "window": window, "flat": flat}
               for k in senders]  # fmt: skip
         bar, tick = _wait(f"{run.system.name} {run.scenario}: {name}", secs, load)
         try:
@@ -241,7 +245,10 @@ def run_storm(run: Run) -> dict[str, Any]:
         times.extend(r["t0"] + t - t0 for t in arr)
     times.sort()
     done = len(times)
-    pick = lambda q: round(times[min(done - 1, int(q * done))], 3) if done else None  # noqa: E731
+
+    def pick(q: float) -> float | None:
+        return round(times[min(done - 1, int(q * done))], 3) if done else None
+
     out.update({
         "reconnected": done, "reconnect_failed": sum(r["failed"] for r in res),
         "reconnect_errors": [e for r in res for e in r["errors"]][:3],
@@ -249,7 +256,6 @@ def run_storm(run: Run) -> dict[str, Any]:
         "time_to_50pct_s": pick(0.5), "time_to_99pct_s": pick(0.99),
         "time_to_100pct_s": round(times[-1], 3) if done == total and done else None,
         "reconnects_per_s": round(done / times[-1], 1) if done and times[-1] > 0 else None,
-        "restored": "login + join" if run.specs[0] and run.specs[0][0][1] else "connect only",
         "cdf": [round(times[min(done - 1, int(q / 100 * done))], 3) for q in range(0, 101)]
         if done else [],
     })  # fmt: skip

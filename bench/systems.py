@@ -230,7 +230,7 @@ class PySocketIO(System):
 
     def prepare(self) -> None:
         try:
-            import socketio  # type: ignore[import-untyped]  # noqa: F401
+            import socketio  # noqa: F401
         except ImportError as exc:
             raise SystemExit("--peer python-socketio needs: pip install -e '.[bench]'") from exc
 
@@ -269,7 +269,7 @@ class PicowsEcho(System):
     """Floor for idle RSS and handshakes: a bare picows server (no broker, no routing)."""
 
     name = "picows-echo"
-    scenarios = ("idle", "storm")
+    scenarios = ("idle",)
     health_path = "/"
 
     def start_redis(self) -> None:

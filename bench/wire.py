@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import msgspec
-from picows import WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSListener, WSMsgType, WSTransport, ws_connect
 
 
 class Payload(msgspec.Struct):
@@ -150,7 +150,7 @@ class Client(WSListener):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.send_close(1000)
+            self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
     def encode_request(self, op: str, arg: str, rid: int) -> bytes:

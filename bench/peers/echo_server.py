@@ -1,4 +1,4 @@
-"""Baseline for the idle and storm scenarios (``--peer picows-echo``): a bare picows server
+"""Baseline for the idle scenario (``--peer picows-echo``): a bare picows server
 that greets each connection with a wscluster-shaped ``welcome`` and echoes text frames. It
 holds no routing state, so its RSS per connection is the floor a picows gateway can reach.
 
@@ -29,7 +29,9 @@ class Echo(WSListener):
 
 
 async def serve(host: str, port: int) -> None:
-    server = await ws_create_server(lambda _req: Echo(), host, port, backlog=4096)
+    # the transport settings of wscluster's gateway (asyncio transport, 2 KiB read buffer)
+    server = await ws_create_server(lambda _req: Echo(), host, port, backlog=4096,
+                                    read_buffer_init_size=2048, use_aiofastnet=False)  # fmt: skip
     await server.serve_forever()
 
 

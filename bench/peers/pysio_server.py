@@ -15,7 +15,7 @@ import inspect
 import time
 from typing import Any
 
-import socketio  # type: ignore[import-untyped]
+import socketio
 
 
 def build(redis_url: str, mode: str) -> tuple[Any, Any]:
@@ -31,22 +31,18 @@ def build(redis_url: str, mode: str) -> tuple[Any, Any]:
         if inspect.isawaitable(res):  # async since python-socketio 5.x
             await res
 
-    @sio.event  # type: ignore[misc]
     async def disconnect(sid: str, *_: Any) -> None:
         uids.pop(sid, None)
 
-    @sio.on("login")  # type: ignore[misc]
     async def login(sid: str, uid: Any) -> bool:
         uids[sid] = str(uid)
         await enter(sid, f"uid:{uid}")
         return True
 
-    @sio.on("join")  # type: ignore[misc]
     async def join(sid: str, group: Any) -> bool:
         await enter(sid, f"group:{group}")
         return True
 
-    @sio.on("send")  # type: ignore[misc]
     async def send(sid: str, msg: dict[str, Any]) -> bool:
         to = str(msg.get("to"))
         room = to[7:] if to.startswith("client:") else to
@@ -55,6 +51,9 @@ def build(redis_url: str, mode: str) -> tuple[Any, Any]:
         await sio.emit("message", out, room=room)
         return True
 
+    for event, handler in (("disconnect", disconnect), ("login", login), ("join", join),
+                           ("send", send)):  # fmt: skip
+        sio.on(event, handler)
     return sio, mgr
 
 
@@ -71,11 +70,11 @@ def main() -> None:
 
         sio, _ = build(args.redis, "asgi")
 
-        async def health(scope: Any, receive: Any, send: Any) -> None:
+        async def health_asgi(scope: Any, receive: Any, send: Any) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-        app = socketio.ASGIApp(sio, other_asgi_app=health)
+        app = socketio.ASGIApp(sio, other_asgi_app=health_asgi)
         uvicorn.run(
             app, host=args.host, port=args.port, loop="uvloop", ws="websockets",
             log_level="warning", lifespan="off", access_log=False, backlog=4096,
@@ -89,10 +88,10 @@ def main() -> None:
         app = web.Application()
         sio.attach(app)
 
-        async def health(_: web.Request) -> web.Response:
+        async def health_http(_: web.Request) -> web.Response:
             return web.Response(text="ok")
 
-        app.router.add_get("/healthz", health)
+        app.router.add_get("/healthz", health_http)
         web.run_app(app, host=args.host, port=args.port, print=None, backlog=4096)
 
 
