@@ -30,6 +30,8 @@ class Admission:
         """The connection is registered: bind its uid (if any), then welcome it and run the
         application's on_connect. With a uid, the welcome waits for the bind's barrier."""
         node = self.node
+        if node.app_runner is not None:  # frames from now on queue behind on_connect
+            node.app_runner.attach(conn)
         request = conn.request
         if request.claims is not None:
             self.apply_claims(conn, request.claims)
@@ -42,18 +44,23 @@ class Admission:
             barrier = node.ops.bind(conn, uid)
         except ProtocolError as exc:
             conn.close(POLICY_CLOSE, exc.message)
+            self._refused(conn)
             return
 
         async def admit() -> None:
+            admitted = False
             try:
                 await barrier
                 await self.enforce_limit(conn, uid, None)
+                admitted = True
             except ProtocolError as exc:
                 code = POLICY_CLOSE if exc.code is Code.FORBIDDEN else TRY_LATER
                 conn.close(code, exc.message)
                 return
             finally:
                 conn.sent()
+                if not admitted:
+                    self._refused(conn)
             self._welcome(conn, uid)
 
         conn.sending()
@@ -62,6 +69,7 @@ class Admission:
     def _welcome(self, conn: Connection, uid: str | None) -> None:
         node = self.node
         if conn.closing:
+            self._refused(conn)
             return
         if not conn.raw:
             conn.reply(frames.encode({
@@ -69,7 +77,12 @@ class Admission:
                 "heartbeat": _number(node.config.ping_interval),
             }))  # fmt: skip
         if node.app_runner is not None:
-            node.app_runner.opened(conn)
+            node.app_runner.welcomed(conn)
+
+    def _refused(self, conn: Connection) -> None:
+        """Not welcomed (refused, or closed first): the application's on_connect never runs."""
+        if self.node.app_runner is not None:
+            self.node.app_runner.welcomed(conn, False)
 
     def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
         """Adopt a verified token: its policy, and a close (1008) when it expires. The

@@ -34,13 +34,27 @@ class AppRunner:
     def __init__(self, node: Node, app: App) -> None:
         self.node = node
         self.app = app
+        self._admitting: dict[str, asyncio.Future[bool]] = {}  # cid -> welcomed?
 
     # --- per connection, in order --------------------------------------------------------
-    def opened(self, conn: Connection) -> None:
+    def attach(self, conn: Connection) -> None:
+        """A connection was registered (before its ``welcome``, which may wait for the bind
+        of its uid): give it its Conn and put on_connect at the head of its handler chain.
+        on_connect runs once the connection is welcomed (``welcomed``), so frames the
+        client sends before that reach on_message after on_connect, with the uid bound."""
         conn.app = Conn(self.node, conn)
+        gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._admitting[conn.cid] = gate
         hook = self.app.connect_hook
-        if hook is not None:
-            self._queue(conn, lambda: hook(conn.app), "on_connect", None)
+        self._queue(conn, lambda: hook(conn.app) if hook is not None else None,
+                    "on_connect", None, gate)  # fmt: skip
+
+    def welcomed(self, conn: Connection, ok: bool = True) -> None:
+        """The connection was welcomed (run on_connect), or refused or closed before (then
+        on_connect never runs). Every connection that was attached gets exactly one call."""
+        gate = self._admitting.pop(conn.cid, None)
+        if gate is not None and not gate.done():
+            gate.set_result(ok)
 
     def message(self, conn: Connection, frame_id: Any, payload: bytes) -> None:
         hook = self.app.message_hook
@@ -58,6 +72,7 @@ class AppRunner:
     def closed(
         self, conn: Connection, uid: str | None, groups: set[str], session: dict[str, Any]
     ) -> None:
+        self.welcomed(conn, False)  # closed before its welcome: no on_connect
         hook = self.app.close_hook
         if hook is None:
             return
@@ -88,8 +103,11 @@ class AppRunner:
 
     # --- helpers -----------------------------------------------------------------------
     def _queue(
-        self, conn: Connection, call: Callable[[], Any], what: str, frame_id: Any
-    ) -> None:
+        self, conn: Connection, call: Callable[[], Any], what: str, frame_id: Any,
+        gate: asyncio.Future[bool] | None = None,
+    ) -> None:  # fmt: skip
+        """Run ``call`` after the connection's previous handler (and, with ``gate``, only
+        once the gate says True)."""
         prev = conn.app_tail
         answer = frame_id is not None and not conn.raw
         conn.sending()
@@ -98,6 +116,8 @@ class AppRunner:
             try:
                 if prev is not None and not prev.done():
                     await asyncio.wait([prev])
+                if gate is not None and not await gate:
+                    return
                 result = await self._call(conn, call, what, answer, frame_id)
                 if result is _FAILED or what != "on_message" or conn.closing:
                     return

@@ -32,6 +32,7 @@ from .presence.base import ConnInfo
 from .registry import Registry
 from .routing import Address, Kind, parse_address
 from .subscriptions import Subscriptions
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("wscluster.node")
 
@@ -129,9 +130,7 @@ class Node:
             await asyncio.wait_for(self.presence.remove_node(self.node_id), 3)
         except (PresenceUnavailable, TimeoutError):
             log.warning("could not remove presence at stop; it expires with the node TTL")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         await self.broker.close()
         await self.presence.close()
         log.info("node %s stopped", self.node_id)

@@ -82,6 +82,10 @@ async def _closed(
     return {c: [r for r in records if r["client_id"] == c] for c in cids}
 
 
+async def _all(store: Redis, nodes: Nodes) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in await store.lrange(closed_key(nodes.namespace), 0, -1)]
+
+
 async def _get(url: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(url) as r:
         return r.status
@@ -152,6 +156,25 @@ async def test_handshake_reject_state_and_connect_bind(apps: Nodes, unique: str)
     assert by_n[3]["from"] is None and by_n[3]["to"] == f"uid:{user}"
 
 
+async def test_frames_before_welcome_wait_for_on_connect(apps: Nodes, unique: str) -> None:
+    """on_handshake sets the uid: `welcome` waits for its bind; frames the client sends
+    meanwhile reach on_message after on_connect, and are answered after `welcome`."""
+    user = f"h{unique}"
+    url = f"{apps.ws_urls[0]}?{urlencode({'huid': user, 'room': f'r{unique}'})}"
+    async with websockets.connect(url, compression=None) as ws:
+        await ws.send(json.dumps({"type": "whoami", "id": 1}))
+        await ws.send(json.dumps({"type": "echo", "id": 2}))
+        got = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(4)]
+    assert [g["type"] for g in got] == ["welcome", "message", "ack", "ack"], got
+    welcome, greeting, who, echo = got
+    cid = welcome["client_id"]
+    assert welcome["uid"] == user
+    assert (greeting["data"]["uid"], greeting["data"]["groups"]) == (user, [f"r{unique}"])
+    assert (who["id"], who["result"]["client_id"], who["result"]["uid"]) == (1, cid, user)
+    assert who["result"]["groups"] == [f"r{unique}"]
+    assert echo == {"type": "ack", "id": 2, "result": {"type": "echo", "id": 2}}
+
+
 # --- 3. on_close: exactly once ------------------------------------------------------------
 async def test_on_close_once_for_client_close_and_kicks(
     apps: Nodes, store: Redis, unique: str
@@ -166,9 +189,12 @@ async def test_on_close_once_for_client_close_and_kicks(
 
     await normal.close()
     assert normal.conn.close_code == 1000
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{apps.api_urls[0]}/api/close", json={"to": f"client:{kicked_api.client_id}"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{apps.api_urls[0]}/api/close", json={"to": f"client:{kicked_api.client_id}"}
+        ) as r,
+    ):
         assert r.status == 200
     await kicker.ok({"type": "kick", "to": f"client:{kicked_app.client_id}"})
     for ws in (kicked_api, kicked_app):
@@ -189,10 +215,6 @@ async def test_on_close_once_for_client_close_and_kicks(
     assert kicker.client_id not in {r["client_id"] for r in await _all(store, apps)}
 
 
-async def _all(store: Redis, nodes: Nodes) -> list[dict[str, Any]]:
-    return [json.loads(r) for r in await store.lrange(closed_key(nodes.namespace), 0, -1)]
-
-
 async def test_on_close_once_for_connections_of_a_killed_node(
     valkey: EmbeddedRedis, make_cluster: MakeCluster, store: Redis, unique: str
 ) -> None:
@@ -201,8 +223,7 @@ async def test_on_close_once_for_connections_of_a_killed_node(
     pids = [n.proc.pid for n in c.nodes if n.proc is not None]
     survivor, _ = await _connect(c.ws_urls[0], user=f"s{unique}")
     victims = [
-        (await _connect(c.ws_urls[2], user=f"v{i}{unique}", room=f"r{unique}"))[0]
-        for i in range(3)
+        (await _connect(c.ws_urls[2], user=f"v{i}{unique}", room=f"r{unique}"))[0] for i in range(3)
     ]
     anonymous, _ = await _connect(c.ws_urls[2])
     victims.append(anonymous)
@@ -306,6 +327,25 @@ async def test_cluster_api_bind_join_from_other_process(
             await api.join("nosuchnode-0badc0de.1", group)
         assert exc.value.code is Code.UNAVAILABLE
         assert time.monotonic() - t0 >= 0.9
+        # a timed-out request leaves the client usable (and, for the broker's idle PING,
+        # not idle when it closes: see test_cluster_closes_after_a_control_timeout)
+        assert await api.join(b.client_id, group) is True
+        await api.send(f"group:{group}", {"n": 6})
+        assert (await b.next(5, type="message"))["data"] == {"n": 6}
+
+
+async def test_cluster_closes_after_a_control_timeout(apps: Nodes, valkey: EmbeddedRedis) -> None:
+    """Regression: closing right after a timed-out control request (when the broker's idle
+    PING coincides with the 1 s timeout) used to hang: redis-py's wait_for swallowed the
+    cancel of the publisher, which looped on. Close now cancels until the tasks are done."""
+    for _ in range(3):
+        api = Cluster(valkey.url, namespace=apps.namespace, timeout=1)
+        await api.start()
+        with pytest.raises(ProtocolError) as exc:
+            await api.join("nosuchnode-0badc0de.1", "g")
+        assert exc.value.code is Code.UNAVAILABLE
+        async with asyncio.timeout(5):
+            await api.aclose()
 
 
 async def test_cluster_api_from_an_app_handler(

@@ -55,6 +55,7 @@ from wscluster.broker.nats_link import (
 )
 from wscluster.broker.state import LinkState, fail_all
 from wscluster.errors import BrokerUnavailable
+from wscluster.tasks import cancel_and_wait
 
 __all__ = ["MAX_CHANNEL_BYTES", "NatsBroker", "channel_subject", "subject_channel"]
 
@@ -185,8 +186,7 @@ class NatsBroker:
         if self._link is not None:
             self._link.fail()  # ends _serve even if the cancellation below gets lost
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         self._fail_publishes("broker closed")
 
     # --- the connection -------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from wscluster.broker.base import MessageHandler, StateHandler
 from wscluster.broker.state import LinkState
+from wscluster.tasks import cancel_and_wait
 
 
 class PublishLink(Protocol):
@@ -94,9 +95,7 @@ class PairBroker:
             return
         self._closing = self._pub.closing = self._sub.closing = True
         self._pub.up = self._sub.up = self._state.connected = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._pub.fail_publishes("broker closed")
         self._sub.fail_waiters("broker closed")
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from wscluster.errors import PresenceUnavailable
+from wscluster.tasks import cancel_and_wait
 
 log = logging.getLogger("wscluster.presence")
 
@@ -134,8 +135,7 @@ class BatchWriter:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         while self._queue:
             op = self._queue.popleft()
             if not op.fut.done():

@@ -1,7 +1,8 @@
 """A test application (tests/cluster/test_apps.py) that exercises every hook and records
 each ``on_close`` call into Redis, so a test can count how often, and where, it fired.
 
-Query parameters: ``?deny=1`` refuses the handshake (403); ``?user=U`` binds U and
+Query parameters: ``?deny=1`` refuses the handshake (403); ``?huid=U`` sets the
+request's uid in on_handshake (bound before ``welcome``); ``?user=U`` binds U and
 ``?room=R`` joins R in on_connect, which then greets with a ``message`` (``greeting``).
 The whole query becomes ``conn.state["query"]``.
 
@@ -41,6 +42,8 @@ def handshake(request: Request) -> None:
     if request.query.get("deny") == "1":
         raise Reject(403, "denied by the application")
     request.state["query"] = dict(request.query)
+    if request.query.get("huid"):  # bound when the connection opens, before `welcome`
+        request.uid = request.query["huid"]
 
 
 @app.on_connect

@@ -1,0 +1,20 @@
+"""Stopping background tasks for sure.
+
+redis-py wraps socket I/O in ``asyncio.wait_for``; on Python 3.11 a cancellation that arrives
+just as the wrapped operation completes is swallowed, and a task looping forever (a
+publisher, a reader) then never stops. So cancel again until every task has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], step: float = 0.1) -> None:
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=step)
