@@ -138,8 +138,13 @@ class AppRunner:
         try:
             return await asyncio.wait_for(_result(call()), self.app.message_timeout)
         except ProtocolError as exc:
-            if answer or not conn.raw:
+            if answer:  # an on_message answer the application chose (AppError)
                 conn.error(frame_id, exc.code, exc.message, charge=False)
+            else:  # nobody to answer: on_connect/on_close, a frame without id, raw mode
+                self.node.metrics.app_errors.labels(hook=what).inc()
+                log.warning("%s of %s: %s", what, conn.cid, exc)
+                if what == "on_message" and not conn.raw:
+                    conn.error(None, exc.code, exc.message, charge=False)
         except Exception as exc:
             self.node.metrics.app_errors.labels(hook=what).inc()
             if isinstance(exc, TimeoutError):
