@@ -88,3 +88,38 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
             proc.kill()
         if proc.stdout:
             proc.stdout.close()
+
+
+async def test_up_with_an_app_runs_it_on_every_node() -> None:
+    """`wscluster up --app module:attr` from the repository root (as examples/ says)."""
+    import websockets
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = random.randrange(20000, 31000, 10)
+    app = "examples.swoole_chat.app:app"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base),
+         "--app", app],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 30
+        while "Ctrl-C" not in banner:
+            assert time.monotonic() < deadline and proc.poll() is None, banner
+            banner += await asyncio.to_thread(proc.stdout.readline)
+        assert app in banner and '"login", "uid"' not in banner
+        for port in (base + 1, base + 2):  # the app's own protocol on both nodes
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                assert await asyncio.wait_for(ws.recv(), 5) == '{"type":"open"}'
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    bad = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "wscluster", "up", "--app", "nope_xyz:app"],
+        cwd=repo, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "cannot import" in bad.stderr
