@@ -44,6 +44,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _banner(proc: subprocess.Popen[str]) -> str:
+    """What `up` prints until it is ready (the banner ends with the Ctrl-C line)."""
+    assert proc.stdout is not None
+    banner = ""
+    deadline = time.monotonic() + 30
+    while "Ctrl-C" not in banner:
+        assert time.monotonic() < deadline and proc.poll() is None, banner
+        banner += await asyncio.to_thread(proc.stdout.readline)
+    return banner
+
+
 @pytest.mark.parametrize("flags", [[], ["--nats"]], ids=["redis", "nats"])
 async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str]) -> None:
     base = random.randrange(20000, 31000, 10)  # below the ephemeral port range
@@ -53,12 +64,7 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "Ctrl-C" not in banner:
-            assert time.monotonic() < deadline and proc.poll() is None, banner
-            banner += await asyncio.to_thread(proc.stdout.readline)
+        banner = await _banner(proc)
         urls = re.findall(r"ws://127\.0\.0\.1:\d+/ws", banner)
         assert urls[:2] == [f"ws://127.0.0.1:{base + 1}/ws", f"ws://127.0.0.1:{base + 2}/ws"]
         send_line = re.search(r"^ +(\S*wscluster send .*)$", banner, re.M)
@@ -103,12 +109,7 @@ async def test_up_with_an_app_runs_it_on_every_node() -> None:
         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "Ctrl-C" not in banner:
-            assert time.monotonic() < deadline and proc.poll() is None, banner
-            banner += await asyncio.to_thread(proc.stdout.readline)
+        banner = await _banner(proc)
         assert app in banner and '"login", "uid"' not in banner
         for port in (base + 1, base + 2):  # the app's own protocol on both nodes
             async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
