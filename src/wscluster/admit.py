@@ -86,7 +86,11 @@ class Admission:
 
     def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
         """Adopt a verified token: its policy, and a close (1008) when it expires. The
-        handshake accepted ``exp`` within ``--jwt-leeway``: the close honours it too."""
+        handshake accepted ``exp`` within ``--jwt-leeway``: the close honours it too. Not for
+        a connection that closed meanwhile (a ``login`` refresh finishing after the close):
+        its timer would keep the connection alive in memory until ``exp``."""
+        if conn.closing:
+            return
         conn.request.claims = claims
         conn.policy = Policy.from_claims(claims)
         if conn.expiry is not None:
@@ -115,17 +119,23 @@ class Admission:
             timeout = node.config.request_timeout
             cids = await asyncio.wait_for(node.presence.client_ids(uid), timeout)
         except (PresenceUnavailable, TimeoutError):
+            # a failed login changes nothing (protocol-notes.md): undo the bind here too
+            await self._undo_bind(conn, uid, old)
             raise ProtocolError(Code.UNAVAILABLE, "presence store unavailable") from None
         if len(cids) <= limit:
             return
+        await self._undo_bind(conn, uid, old)
+        raise ProtocolError(Code.FORBIDDEN, "too many connections for this user")
+
+    async def _undo_bind(self, conn: Connection, uid: str, old: str | None) -> None:
+        node = self.node
         entry = node.registry.get(conn.cid)
         if entry is not None and entry.uid == uid:
             undo = node.ops.bind(conn, old) if old is not None else node.ops.unbind(conn)
             try:
                 await undo
             except ProtocolError:
-                log.warning("could not undo the bind of %s over the uid limit", conn.cid)
-        raise ProtocolError(Code.FORBIDDEN, "too many connections for this user")
+                log.warning("could not undo the bind of %s to %s", conn.cid, uid)
 
 
 def _number(x: float) -> float | int:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 KICK = 4001
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})  # RFC 6455 7.4
 
 
 class Conn:
@@ -88,6 +89,14 @@ class Conn:
             self._conn.push(payload, WSMsgType.BINARY)
 
     def close(self, code: int = KICK, reason: str = "") -> None:
+        """Close with ``code`` (1000-1003, 1007-1014 or 3000-4999: others may not be sent,
+        and clients would fail the connection with 1006 instead); ``reason`` is cut to 120
+        bytes."""
+        if isinstance(code, bool) or not isinstance(code, int) or not (
+            code in _SENDABLE or 3000 <= code <= 4999
+        ):
+            raise ValueError(f"close code {code!r} cannot be sent: use 1000-1003, 1007-1014 "
+                             "or 3000-4999")  # fmt: skip
         self._conn.close(code, reason)
 
     async def bind(self, uid: str) -> None:

@@ -64,7 +64,10 @@ class Gate:
         params.pop("token", None)  # never handed to the app, which might log it
         request = Request(path, params, headers, peer)
         if self.verifier is not None:
-            token = token_from(query, headers)
+            try:
+                token = token_from(query, headers)
+            except ValueError:  # e.g. more fields than parse_qs takes: not a 500
+                return Refusal(401, "malformed query string")
             if token is None:
                 return Refusal(401, "missing token")
             try:

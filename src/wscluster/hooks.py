@@ -3,6 +3,9 @@ other, in frame order (on_connect first, on_close last), so the sends they make 
 per-sender order; each call counts against the connection's in-flight bound, so a slow
 handler pauses reading that socket instead of queueing without limit. An exception in a
 handler is logged and counted, answers ``internal`` to that client, and harms nothing else.
+on_message runs only for a connection that was welcomed and that the server has not closed
+(refused by on_connect or the per-uid limit, kicked, token expired): a refused client's
+frames never reach the application.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class AppRunner:
         conn.app = Conn(self.node, conn)
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._admitting[conn.cid] = gate
+        conn.app_gate = gate
         hook = self.app.connect_hook
         self._queue(conn, lambda: hook(conn.app) if hook is not None else None,
                     "on_connect", None, gate)  # fmt: skip
@@ -60,14 +64,14 @@ class AppRunner:
         hook = self.app.message_hook
         assert hook is not None
         frame = msgspec.json.decode(payload)
-        self._queue(conn, lambda: hook(conn.app, frame), "on_message", frame_id)
+        self._queue(conn, lambda: hook(conn.app, frame), "on_message", frame_id, conn.app_gate)
 
     def raw_message(self, conn: Connection, payload: bytes, binary: bool = False) -> None:
         hook = self.app.message_hook
         if hook is None:
             return
         data: str | bytes = payload if binary else payload.decode("utf-8", "replace")
-        self._queue(conn, lambda: hook(conn.app, data), "on_message", None)
+        self._queue(conn, lambda: hook(conn.app, data), "on_message", None, conn.app_gate)
 
     def closed(
         self, conn: Connection, uid: str | None, groups: set[str], session: dict[str, Any]
@@ -107,7 +111,7 @@ class AppRunner:
         gate: asyncio.Future[bool] | None = None,
     ) -> None:  # fmt: skip
         """Run ``call`` after the connection's previous handler (and, with ``gate``, only
-        once the gate says True)."""
+        once the gate says True: the connection was welcomed)."""
         prev = conn.app_tail
         answer = frame_id is not None and not conn.raw
         conn.sending()
@@ -117,14 +121,13 @@ class AppRunner:
                 if prev is not None and not prev.done():
                     await asyncio.wait([prev])
                 if gate is not None and not await gate:
-                    return
+                    return  # never welcomed: neither on_connect nor on_message runs
+                if what == "on_message" and conn.server_closed:
+                    return  # refused (e.g. by on_connect), kicked or expired: not handled
                 result = await self._call(conn, call, what, answer, frame_id)
                 if result is _FAILED or what != "on_message" or conn.closing:
                     return
-                if answer:
-                    conn.ack(frame_id, result=result)
-                elif conn.raw and result is not None:
-                    _write_raw(conn, result)
+                self._answer(conn, frame_id, result, answer)
             finally:
                 conn.sent()
 
@@ -154,6 +157,20 @@ class AppRunner:
             if what == "on_message" and not conn.raw:
                 conn.error(frame_id, Code.INTERNAL, "internal error")
         return _FAILED
+
+    def _answer(self, conn: Connection, frame_id: Any, result: Any, answer: bool) -> None:
+        """Write on_message's result: the ack (or, in raw mode, the value itself). A result
+        that cannot be encoded is the handler's failure: ``internal``, never no answer."""
+        try:
+            if answer:
+                conn.ack(frame_id, result=result)
+            elif conn.raw and result is not None:
+                _write_raw(conn, result)
+        except (TypeError, ValueError, msgspec.MsgspecError):
+            self.node.metrics.app_errors.labels(hook="on_message").inc()
+            log.exception("on_message of %s returned a value that is not JSON", conn.cid)
+            if answer:
+                conn.error(frame_id, Code.INTERNAL, "internal error")
 
     async def _guard(self, call: Callable[[], Any], what: str) -> None:
         try:

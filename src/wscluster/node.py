@@ -123,9 +123,14 @@ class Node:
         for _, entry in self.registry.items():
             if entry.conn.transport is not None:
                 entry.conn.transport.underlying_transport.abort()
-        if self.app_runner is not None and self._tasks:  # let on_close handlers finish
+        if self.app_runner is not None:  # let on_close handlers finish
+            # Tasks spawn tasks (a close reads the session, then queues on_close): wait until
+            # none is left, not only for those running now, within one deadline.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(5.0, self.config.drain_timeout)
             await asyncio.sleep(0)
-            await asyncio.wait(list(self._tasks), timeout=min(5.0, self.config.drain_timeout))
+            while self._tasks and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(list(self._tasks), timeout=left)
         try:
             await asyncio.wait_for(self.presence.remove_node(self.node_id), 3)
         except (PresenceUnavailable, TimeoutError):

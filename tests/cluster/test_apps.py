@@ -5,8 +5,10 @@ every Closed it receives to ``<namespace>:test:closed``, so the tests count its 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 from wscluster import Cluster, Code, ProtocolError
 from wscluster.embedded import EmbeddedRedis
 
-from .apps.recorder import closed_key
+from .apps.recorder import closed_key, messages_key
 from .conftest import Cluster as Nodes
 from .conftest import _make
 from .wsclient import WS
@@ -175,6 +177,25 @@ async def test_frames_before_welcome_wait_for_on_connect(apps: Nodes, unique: st
     assert echo == {"type": "ack", "id": 2, "result": {"type": "echo", "id": 2}}
 
 
+async def test_frames_of_a_connection_on_connect_refuses_never_reach_on_message(
+    apps: Nodes, store: Redis
+) -> None:
+    """The documented refusal: on_connect awaits a check, then closes 1008. Frames the
+    client sent meanwhile (queued behind on_connect) must not reach on_message."""
+    async with websockets.connect(f"{apps.ws_urls[0]}?ban=1", compression=None) as ws:
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert welcome["type"] == "welcome"
+        await ws.send(json.dumps({"type": "record", "id": 1}))
+        await ws.send(json.dumps({"type": "record"}))
+        with pytest.raises(websockets.ConnectionClosed):
+            frame = await asyncio.wait_for(ws.recv(), 5)
+            raise AssertionError(f"unexpected frame {frame!r}")
+        assert ws.close_code == 1008
+    await asyncio.sleep(0.5)
+    recorded = await store.lrange(messages_key(apps.namespace), 0, -1)
+    assert welcome["client_id"].encode() not in recorded
+
+
 # --- 3. on_close: exactly once ------------------------------------------------------------
 async def test_on_close_once_for_client_close_and_kicks(
     apps: Nodes, store: Redis, unique: str
@@ -247,6 +268,43 @@ async def test_on_close_once_for_connections_of_a_killed_node(
         assert r["session"] == session
     assert survivor.client_id not in {r["client_id"] for r in await _all(store, c)}
     assert (await survivor.ok({"type": "echo", "id": "after"}))["result"]["id"] == "after"
+
+
+def _silent_client(port: int, query: str) -> tuple[socket.socket, str]:
+    """A WebSocket client that reads its welcome and then nothing more: it never answers
+    the server's close frame (a dead phone). Returns the socket and its client id."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())  # fmt: skip
+    data = b""
+    while True:
+        data += sock.recv(4096)
+        head, sep, frame = data.partition(b"\r\n\r\n")
+        if sep and len(frame) >= 2 and len(frame) >= 2 + frame[1]:
+            break  # the welcome is one unmasked text frame of < 126 bytes
+    assert head.startswith(b"HTTP/1.1 101"), head
+    welcome = json.loads(frame[2 : 2 + frame[1]])
+    return sock, welcome["client_id"]
+
+
+async def test_on_close_fires_at_sigterm_for_clients_that_never_answer(
+    valkey: EmbeddedRedis, make_cluster: MakeCluster, store: Redis
+) -> None:
+    """A drain closes with 1012; clients that never answer are cut when the node stops. The
+    on_close handlers of those connections start at the stop: they must run to the end
+    (within the 5 s the node gives them), not be cancelled as soon as they were queued."""
+    c = make_cluster(valkey.url, 1, [*RECORDER, "--drain-timeout", "1"], _env(valkey.url))
+    clients = [_silent_client(c.nodes[0].port, "close_delay=0.3") for _ in range(5)]
+    try:
+        assert c.nodes[0].terminate() == 0
+        records = await _closed(store, c.namespace, [cid for _, cid in clients], timeout=5,
+                                settle=0.2)  # fmt: skip
+        assert [len(r) for r in records.values()] == [1] * len(clients), records
+    finally:
+        for sock, _ in clients:
+            sock.close()
 
 
 # --- 4. sessions across nodes -------------------------------------------------------------

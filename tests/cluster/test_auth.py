@@ -296,6 +296,15 @@ async def test_malformed_authorization_header_401(nodes: Nodes, header: str) -> 
     assert status == 401
 
 
+async def test_query_with_too_many_fields_is_a_401_not_a_500(nodes: Nodes, unique: str) -> None:
+    """The token is looked up in at most 100 query fields: more is a bad handshake (401),
+    not an exception whose text picows would send as a 500."""
+    token = nodes.signers["hs"].token(f"q{unique}")
+    status, body = await refused(f"{nodes.hs[0].ws_url}?token={token}" + "&x=1" * 100)
+    assert status == 401, body
+    assert json.loads(body) == {"error": "malformed query string"}
+
+
 async def test_anonymous_node_ignores_token_and_jwt_node_refuses_uid_login(
     nodes: Nodes, unique: str
 ) -> None:
@@ -546,6 +555,22 @@ async def test_api_key(nodes: Nodes, unique: str) -> None:
             assert await r.json() == {"ok": True}
     msg = await ws.next(type="message")
     assert msg["data"] == "from the backend" and msg["from"] is None
+
+
+async def test_api_key_header_that_is_not_utf8_is_a_401(nodes: Nodes) -> None:
+    """An Authorization header with bytes that are not UTF-8 is a wrong key (401), not an
+    unhandled exception (500, and a traceback in the node's log for every such request)."""
+    api = nodes.hs[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.api_port)
+    try:
+        writer.write(b"GET /api/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: Bearer \xff\xfe" + API_KEY.encode() + b"\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"401", status_line
+    await asyncio.sleep(0.2)
+    assert "UnicodeEncodeError" not in api.log()
 
 
 # --- 6. the rate limit ---------------------------------------------------------------------

@@ -54,8 +54,10 @@ class Connection(WSListener):
         self.policy: Policy | None = None  # None: anonymous, everything allowed
         self.expiry: asyncio.TimerHandle | None = None  # closes 1008 when the token expires
         self.close_code: int | None = None  # sent or received; None until then
+        self.server_closed = False  # the server started the close (refused, kicked, expired)
         self.app: Any = None  # the application's handle (wscluster.conn.Conn), if any
         self.app_tail: asyncio.Future[None] | None = None  # last queued app handler
+        self.app_gate: asyncio.Future[bool] | None = None  # on_connect may run (welcomed)
         self.transport: WSTransport | None = None
         self.closing = False
         self.congested = False
@@ -186,10 +188,11 @@ class Connection(WSListener):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.server_closed = True
         self.close_code = code
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
-        transport.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
+        transport.send_close(WSCloseCode(code), _reason(reason))
         if self.reading_paused:  # read again to see the peer's close frame (data is dropped)
             self.reading_paused = False
             transport.underlying_transport.resume_reading()
@@ -236,6 +239,14 @@ class Connection(WSListener):
             self.reading_paused = True
             if self.transport is not None:
                 self.transport.underlying_transport.pause_reading()
+
+
+def _reason(reason: str) -> bytes | None:
+    """A close reason that fits a control frame (123 bytes), cut at a character boundary:
+    a reason that is not valid UTF-8 makes clients fail the connection (1006, not the code)."""
+    if not reason:
+        return None
+    return reason.encode()[:120].decode("utf-8", "ignore").encode()
 
 
 def _code(code: object) -> int:

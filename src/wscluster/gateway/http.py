@@ -40,8 +40,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     node = request.app[NODE]
     key = node.config.api_key
     if key is not None and request.path.startswith("/api/"):
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        if not _key_matches(request.headers.get("Authorization", ""), key):
             return _error(401, Code.FORBIDDEN, "missing or wrong API key")
     try:
         return await handler(request)
@@ -59,6 +58,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("internal error on %s", request.path)
         return _error(500, Code.INTERNAL, "internal error")
+
+
+def _key_matches(given: str, key: str) -> bool:
+    """Constant-time compare of an Authorization header with ``Bearer <key>``. A header that
+    is not valid UTF-8 (aiohttp keeps such bytes as surrogates) is a wrong key, not a 500."""
+    try:
+        raw = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(raw, f"Bearer {key}".encode())
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -32,6 +32,12 @@ class _PeerNoise(logging.Filter):
 
 
 logging.getLogger("picows").addFilter(_PeerNoise())
+# picows logs each connection through a child Logger it makes itself ("picows.server.<fd>"),
+# and a parent's filters never see a child's records; handed a LoggerAdapter, it logs
+# through the adapter's logger instead, where the filter applies.
+_server_log = logging.getLogger("picows.server")
+_server_log.addFilter(_PeerNoise())
+_PICOWS_LOGGER = logging.LoggerAdapter(_server_log, {})
 
 _READ_BUFFER = 2048
 
@@ -96,6 +102,7 @@ class PublicServer:
             use_aiofastnet=cfg.transport == "aiofastnet",
             reuse_address=True,
             backlog=4096,
+            logger_name=_PICOWS_LOGGER,
         )
 
     async def close(self) -> None:

@@ -3,8 +3,11 @@ each ``on_close`` call into Redis, so a test can count how often, and where, it 
 
 Query parameters: ``?deny=1`` refuses the handshake (403); ``?huid=U`` sets the
 request's uid in on_handshake (bound before ``welcome``); ``?user=U`` binds U and
-``?room=R`` joins R in on_connect, which then greets with a ``message`` (``greeting``).
-The whole query becomes ``conn.state["query"]``.
+``?room=R`` joins R in on_connect, which then greets with a ``message`` (``greeting``);
+``?ban=1`` makes on_connect refuse the connection (close 1008, after an awaited "database
+check" of 0.3 s); ``?close_delay=S`` makes on_close take S seconds before it records.
+The whole query becomes ``conn.state["query"]``. A ``record`` frame does ``RPUSH
+<namespace>:test:messages <client id>``.
 
 Needs ``RECORDER_REDIS_URL`` in the environment; on_close does ``RPUSH
 <namespace>:test:closed <json>`` for every ``Closed`` it receives, with the pid of the
@@ -30,6 +33,10 @@ def closed_key(namespace: str) -> str:
     return f"{namespace}:test:closed"
 
 
+def messages_key(namespace: str) -> str:
+    return f"{namespace}:test:messages"
+
+
 def _redis() -> Redis:
     global _store
     if _store is None:
@@ -49,6 +56,10 @@ def handshake(request: Request) -> None:
 @app.on_connect
 async def connect(conn: Conn) -> None:
     query = conn.state.get("query", {})
+    if query.get("ban"):
+        await asyncio.sleep(0.3)  # the documented pattern: an async check, then close 1008
+        conn.close(1008, "banned")
+        return
     conn.state["connected"] = True
     if query.get("user"):
         await conn.bind(query["user"])
@@ -77,6 +88,9 @@ async def message(conn: Conn, frame: dict[str, Any]) -> Any:
     kind = frame["type"]
     if kind == "echo":
         return frame
+    if kind == "record":
+        await _redis().rpush(messages_key(app.cluster.names.ns), conn.client_id)
+        return {}
     if kind == "boom":
         raise RuntimeError("boom (a test of the on_message error path)")
     if kind == "slow":
@@ -103,6 +117,9 @@ async def message(conn: Conn, frame: dict[str, Any]) -> Any:
 
 @app.on_close
 async def close(closed: Closed) -> None:
+    delay = closed.state.get("query", {}).get("close_delay")
+    if delay:
+        await asyncio.sleep(float(delay))  # e.g. a database write
     record = {
         "client_id": closed.client_id, "code": closed.code, "node_died": closed.node_died,
         "session": closed.session, "uid": closed.uid, "groups": sorted(closed.groups),
