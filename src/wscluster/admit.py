@@ -47,6 +47,8 @@ class Admission:
             self._refused(conn)
             return
 
+        conn.admitting = True  # until welcome: core frames other than ping wait for it
+
         async def admit() -> None:
             admitted = False
             try:
@@ -58,6 +60,7 @@ class Admission:
                 conn.close(code, exc.message)
                 return
             finally:
+                conn.admitting = False
                 conn.sent()
                 if not admitted:
                     self._refused(conn)
@@ -71,6 +74,8 @@ class Admission:
         if conn.closing:
             self._refused(conn)
             return
+        entry = node.registry.get(conn.cid)
+        uid = entry.uid if entry is not None else uid  # as bound now
         if not conn.raw:
             conn.reply(frames.encode({
                 "type": "welcome", "client_id": conn.cid, "node": node.node_id, "uid": uid,

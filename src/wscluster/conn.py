@@ -10,6 +10,7 @@ from picows import WSMsgType
 
 from . import envelope
 from .app import Request
+from .auth import AuthError
 from .errors import Code, ProtocolError
 from .gateway.connection import Connection
 from .routing import check_name
@@ -98,6 +99,21 @@ class Conn:
             raise ValueError(f"close code {code!r} cannot be sent: use 1000-1003, 1007-1014 "
                              "or 3000-4999")  # fmt: skip
         self._conn.close(code, reason)
+
+    def refresh(self, token: str) -> dict[str, Any]:
+        """Adopt a fresh JWT for this connection (its claims, policy and expiry), as a core
+        ``login`` with a token does: for raw-mode apps, whose clients cannot send one.
+        Returns the claims; raises ``ProtocolError(forbidden)`` for a bad token or a node
+        without a JWT key. It does not re-bind: call ``bind(claims["sub"])`` for that."""
+        verifier = self._node.verifier
+        if verifier is None:
+            raise ProtocolError(Code.FORBIDDEN, "this node does not accept tokens")
+        try:
+            claims = verifier.verify(token)
+        except AuthError as exc:
+            raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
+        self._node.admission.apply_claims(self._conn, claims.raw)
+        return claims.raw
 
     async def bind(self, uid: str) -> None:
         """Bind the connection to ``uid`` (GatewayWorker's bindUid); re-binding moves it."""

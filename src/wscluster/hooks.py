@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("wscluster.app")
+DEAD_NODE_CONCURRENCY = 64  # on_close calls at once for the connections of a dead node
 
 
 class AppRunner:
@@ -38,6 +39,7 @@ class AppRunner:
         self.node = node
         self.app = app
         self._admitting: dict[str, asyncio.Future[bool]] = {}  # cid -> welcomed?
+        self._dead_slots = asyncio.Semaphore(DEAD_NODE_CONCURRENCY)
 
     # --- per connection, in order --------------------------------------------------------
     def attach(self, conn: Connection) -> None:
@@ -101,9 +103,13 @@ class AppRunner:
         hook = self.app.close_hook
         if hook is None:
             return
-        for c in conns:
+        for c in conns:  # a dead node may have had thousands: a bounded number at a time
             info = Closed(c.client_id, c.uid, frozenset(c.groups), 1006, c.session, True)
-            self.node.spawn(self._guard(functools.partial(hook, info), "on_close"))
+            self.node.spawn(self._bounded(functools.partial(hook, info)))
+
+    async def _bounded(self, call: Callable[[], Any]) -> None:
+        async with self._dead_slots:
+            await self._guard(call, "on_close")
 
     # --- helpers -----------------------------------------------------------------------
     def _queue(

@@ -280,3 +280,64 @@ async def test_on_message_result_that_is_not_json_answers_internal(own: list[Nod
     reply = await ws.request({"type": "odd", "id": "o"}, timeout=3)
     assert (reply["type"], reply["id"], reply["code"]) == ("error", "o", "internal")
     assert (await ws.ok({"type": "fine", "id": "f"}))["result"] == {"ok": True}
+
+
+async def test_core_frames_before_the_welcome_wait_for_it(own: list[Node]) -> None:
+    """While a connection's uid is being bound and counted, core frames (but ping) are
+    refused `not_logged_in`: a connection about to be refused over the per-uid limit must
+    not act as that uid meanwhile. Its welcome then carries the uid."""
+    app = App()
+
+    @app.on_handshake
+    def handshake(request: Request) -> None:
+        request.uid = request.query.get("u")
+
+    node = await _node(app, anonymous=True, max_connections_per_uid=5)
+    own.append(node)
+    _slow_client_ids(node, 0.5)
+    conn = await websockets.connect(f"{url(node)}?u=alice", compression=None)
+    try:
+        await conn.send(json.dumps({"type": "send", "to": "all", "data": 1, "id": 1}))
+        await conn.send(json.dumps({"type": "ping", "id": 2}))
+        got = [json.loads(await asyncio.wait_for(conn.recv(), 5)) for _ in range(3)]
+        assert got[0] == {"type": "error", "id": 1, "code": "not_logged_in",
+                          "message": "wait for the welcome"}  # fmt: skip
+        assert got[1] == {"type": "pong", "id": 2}
+        assert got[2]["type"] == "welcome" and got[2]["uid"] == "alice"
+        await conn.send(json.dumps({"type": "send", "to": "uid:alice", "data": 2, "id": 3}))
+        frames = [json.loads(await asyncio.wait_for(conn.recv(), 5)) for _ in range(2)]
+        assert {f["type"] for f in frames} == {"ack", "message"}
+    finally:
+        await conn.close()
+
+
+async def test_raw_app_refreshes_a_token(own: list[Node]) -> None:
+    """A raw-mode client cannot send a core login: the app adopts its new token with
+    Conn.refresh (claims, expiry); a bad token is forbidden and changes nothing."""
+    app = App(raw=True)
+
+    @app.on_message
+    def message(conn: Conn, data: str) -> str:
+        try:
+            claims = conn.refresh(data)
+        except Exception as exc:
+            return f"refused {getattr(exc, 'code', '')}"
+        assert conn.claims == claims
+        return f"ok {claims['sub']} {claims['exp']}"
+
+    node = await _node(app, jwt_secret=SECRET)
+    own.append(node)
+    conn = await websockets.connect(f"{url(node)}?token={_token('alice', ttl=2)}",
+                                    compression=None)  # fmt: skip
+    try:
+        fresh = _token("alice", ttl=600)
+        await conn.send(fresh)
+        reply = await asyncio.wait_for(conn.recv(), 5)
+        assert isinstance(reply, str) and reply.startswith("ok alice ")
+        await conn.send("not.a.token")
+        assert await asyncio.wait_for(conn.recv(), 5) == "refused forbidden"
+        await asyncio.sleep(2.5)  # past the first token's exp: still open
+        await conn.send(fresh)
+        assert (await asyncio.wait_for(conn.recv(), 5)).startswith("ok alice")
+    finally:
+        await conn.close()
