@@ -59,10 +59,11 @@ class Handlers:
         if not conn.take_token() and cmd.type != "ping":  # ping is always answered
             conn.error(cmd.id, Code.RATE_LIMITED, "too many frames, slow down", charge=True)
             return
-        if conn.admitting and cmd.type != "ping":  # not welcomed yet: nothing is taken
+        handler = self._table.get(cmd.type)
+        if conn.admitting and handler is not None and cmd.type != "ping":
+            # not welcomed yet: no core action is taken (application frames wait instead)
             conn.error(cmd.id, Code.NOT_LOGGED_IN, "wait for the welcome", charge=False)
             return
-        handler = self._table.get(cmd.type)
         try:
             if handler is not None:
                 handler(conn, cmd)
