@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start an embedded nats-server as the broker")  # fmt: skip
     _add(u, "namespace", "wsc")
     _add(u, "app", None, help="module:attribute of a wscluster.App to run on every node")
+    _add(u, "jwt-secret", None, help="HS256 tokens for clients (else anonymous)")
+    _add(u, "jwt-public-key", None, help="RS256/ES256 tokens for clients")
+    _add(u, "allowed-origins", None, help="comma-separated origins allowed to connect")
+    _add(u, "api-key", None, help="key required by every node's /api/")
     _add(u, "log-level", "INFO")
 
     for name, helptext in (("send", "push a message to an address"),

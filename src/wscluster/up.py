@@ -45,7 +45,32 @@ def _embedded(server: ChildServer, started: list[ChildServer]) -> str:
     return server.url
 
 
+def _auth(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The nodes' authentication options: anonymous unless a JWT key is given. Secrets go
+    through the environment, not the command line (where `ps` shows them)."""
+    from .config import NodeConfig
+
+    config = NodeConfig(anonymous=not (args.jwt_secret or args.jwt_public_key),
+                        jwt_secret=args.jwt_secret, jwt_public_key=args.jwt_public_key,
+                        allowed_origins=args.allowed_origins, presence="memory://")  # fmt: skip
+    config.validate()
+    argv = ["--anonymous"] if config.anonymous else []
+    if args.jwt_public_key:
+        argv += ["--jwt-public-key", os.path.abspath(args.jwt_public_key)]
+    if args.allowed_origins:
+        argv += ["--allowed-origins", args.allowed_origins]
+    env = {"WSCLUSTER_JWT_SECRET": args.jwt_secret} if args.jwt_secret else {}
+    if args.api_key:
+        env["WSCLUSTER_API_KEY"] = args.api_key
+    return argv, env
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        auth_args, auth_env = _auth(args)
+    except ValueError as exc:
+        print(f"wscluster up: {exc}", file=sys.stderr)
+        return 2
     if args.app is not None:
         from .cli import load_app_spec
 
@@ -79,14 +104,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         for i in range(1, args.nodes + 1):
             port = args.base_port + i
             cmd = [
-                sys.executable, "-m", "wscluster", "serve", "--anonymous",
+                sys.executable, "-m", "wscluster", "serve", *auth_args,
                 "--host", args.host, "--port", str(port), "--api-port", str(port + 1000),
                 "--broker", broker, "--namespace", args.namespace,
                 *(["--presence", presence] if presence else []),
                 "--node-name", f"node{i}", "--log-level", args.log_level,
                 *(["--app", args.app] if args.app else []),
             ]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent))
+            env = {**os.environ, **auth_env}
+            procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent, env=env))
         for i, proc in enumerate(procs, 1):
             health = f"http://{args.host}:{args.base_port + i}/healthz"
             if not _wait_healthy(health, proc, 15):
@@ -129,11 +155,16 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         port = args.base_port + i
         lines.append(f"  node{i}: ws://{args.host}:{port}/ws   page http://{args.host}:{port}/"
                      f"   api http://127.0.0.1:{port + 1000}/api/")  # fmt: skip
-    try_it = [f"  {python} -m websockets ws://{args.host}:{args.base_port + 1}/ws"]
-    if args.app is None:  # an application may speak its own protocol
-        try_it.append('    then type: {"type": "login", "uid": "alice"}')
+    ws = f"ws://{args.host}:{args.base_port + 1}/ws"
+    if args.jwt_secret or args.jwt_public_key:
+        try_it = [f"  {python} -m websockets '{ws}?token=<a JWT whose sub is alice>'",
+                  "    (clients authenticate with tokens: see docs/auth.md)"]
     else:
+        try_it = [f"  {python} -m websockets {ws}"]
+    if args.app is not None:  # an application may speak its own protocol
         try_it.append(f"    (application {args.app} on every node)")
+    elif not (args.jwt_secret or args.jwt_public_key):
+        try_it.append('    then type: {"type": "login", "uid": "alice"}')
     lines += [
         "",
         "Try it:",

@@ -36,6 +36,14 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -124,3 +132,41 @@ async def test_up_with_an_app_runs_it_on_every_node() -> None:
         cwd=repo, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert bad.returncode == 2 and "cannot import" in bad.stderr
+
+
+async def test_up_with_jwt_authenticates_every_node() -> None:
+    """`up --jwt-secret --api-key`: nodes refuse clients without a token, accept a signed
+    one, and keep the secrets off their command lines."""
+    import jwt
+    import websockets
+
+    secret, key = "k" * 40, "api-key-for-test"
+    base = random.randrange(20000, 31000, 10)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base),
+         "--jwt-secret", secret, "--api-key", key],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        banner = await _banner(proc)
+        assert "?token=" in banner
+        for pid in _children(proc.pid):  # secrets travel in the environment, not in argv
+            argv = _cmdline(pid)
+            assert secret.encode() not in argv and key.encode() not in argv
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(f"ws://127.0.0.1:{base + 2}/ws")
+        assert refused.value.response.status_code == 401
+        token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, secret, "HS256")
+        ws = await WS.open(f"ws://127.0.0.1:{base + 2}/ws?token={token}")
+        assert ws.welcome["uid"] == "alice"
+        await ws.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    bad = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "wscluster", "up", "--jwt-secret", "short"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "32 bytes" in bad.stderr
