@@ -702,3 +702,17 @@ async def test_node_refuses_to_start_with_a_short_secret(
     finally:
         node.kill()
     assert "--jwt-secret must be at least 32 bytes" in node.log()
+
+
+async def test_python_client_reports_why_its_handshake_was_refused(nodes: Nodes) -> None:
+    """wscluster.client: a refused token is terminal (no retry loop) and says why."""
+    from wscluster.client import Client, HandshakeRefused
+
+    s = nodes.signers["hs"]
+    client = Client(nodes.hs[0].ws_url, token=s.token("late", ttl=-30))
+    with pytest.raises(HandshakeRefused) as refused:
+        await asyncio.wait_for(client.connect(), 10)
+    assert (refused.value.status, refused.value.reason) == (401, "token expired")
+    assert "token expired" in str(refused.value)
+    async with Client(nodes.hs[0].ws_url, token=s.token("fine")) as ok:
+        assert (await ok.ping())["type"] == "pong"

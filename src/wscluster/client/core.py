@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -286,7 +287,7 @@ class Client:
         except WSHandshakeError as exc:
             if exc.response is None:
                 raise ConnectionClosed(None, f"handshake failed: {exc}") from exc
-            raise HandshakeRefused(int(exc.response.status)) from exc
+            raise HandshakeRefused(int(exc.response.status), _refusal(exc.raw_body)) from exc
         except (OSError, WSError) as exc:
             raise ConnectionClosed(None, f"cannot connect to {self.url}: {exc!r}") from exc
         finally:
@@ -329,6 +330,15 @@ class Client:
             self._finished = exc
             self._queue.close(exc)
             self._ready.set()  # wake waiting requests: they see _finished and raise
+
+
+def _refusal(body: bytes | None) -> str:
+    """The reason in a refused handshake's JSON body, if it has one."""
+    try:
+        reason = json.loads(body or b"").get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    return reason[:200] if isinstance(reason, str) else ""
 
 
 async def connect(url: str, **kwargs: Any) -> Client:

@@ -40,9 +40,11 @@ class ConnectionClosed(Exception):
 class HandshakeRefused(ConnectionClosed):
     """The node answered the WebSocket handshake with an HTTP error ``status``."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(None, f"handshake refused with HTTP {status}")
+    def __init__(self, status: int, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(None, f"handshake refused with HTTP {status}{detail}")
         self.status = status
+        self.reason = reason  # the node's {"error": …} text (e.g. "token expired")
 
 
 def is_terminal_close(code: int | None) -> bool:
