@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import envelope, frames
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("wscluster.node")
+Handler = Callable[[Connection, frames.Command], None]
 
 
 class Handlers:
@@ -64,13 +65,19 @@ class Handlers:
             # not welcomed yet: no core action is taken (application frames wait instead)
             conn.error(cmd.id, Code.NOT_LOGGED_IN, "wait for the welcome", charge=False)
             return
-        try:
-            if handler is not None:
-                handler(conn, cmd)
-            elif runner is not None and runner.app.message_hook is not None:
+        if handler is None:
+            if runner is not None and runner.app.message_hook is not None:
                 runner.message(conn, cmd.id, payload)
             else:
                 conn.error(cmd.id, Code.UNKNOWN_TYPE, f"unknown type {cmd.type[:64]!r}")
+        elif conn.holding and runner is not None and cmd.type != "ping":
+            runner.held(conn, lambda: self._run(handler, conn, cmd))
+        else:
+            self._run(handler, conn, cmd)
+
+    def _run(self, handler: Handler, conn: Connection, cmd: frames.Command) -> None:
+        try:
+            handler(conn, cmd)
         except ProtocolError as exc:
             conn.error(cmd.id, exc.code, exc.message)
         except Exception:

@@ -48,6 +48,9 @@ class AppRunner:
         on_connect runs once the connection is welcomed (``welcomed``), so frames the
         client sends before that reach on_message after on_connect, with the uid bound."""
         conn.app = Conn(self.node, conn)
+        # core frames too wait in the chain until on_connect (and what queued behind it) ran:
+        # a client's first `send` to a group its on_connect joins must not be refused
+        conn.holding = self.app.connect_hook is not None
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._admitting[conn.cid] = gate
         conn.app_gate = gate
@@ -67,6 +70,31 @@ class AppRunner:
         assert hook is not None
         frame = msgspec.json.decode(payload)
         self._queue(conn, lambda: hook(conn.app, frame), "on_message", frame_id, conn.app_gate)
+
+    def held(self, conn: Connection, work: Callable[[], None]) -> None:
+        """Run a core frame's handler (``work``, synchronous) in the chain, after on_connect
+        and whatever was queued before it; skipped if the connection was never welcomed or
+        the server closed it meanwhile."""
+        prev, gate = conn.app_tail, conn.app_gate
+        conn.sending()
+
+        async def run() -> None:
+            try:
+                if prev is not None and not prev.done():
+                    await asyncio.wait([prev])
+                if gate is not None and not await gate:
+                    return
+                if not conn.server_closed and not conn.closing:
+                    work()
+            finally:
+                conn.sent()
+
+        self._chain(conn, asyncio.ensure_future(run()))
+
+    def _chain(self, conn: Connection, task: asyncio.Future[None]) -> None:
+        conn.app_tail = task
+        task.add_done_callback(functools.partial(_drained, conn))
+        self.node.spawn(task)
 
     def raw_message(self, conn: Connection, payload: bytes, binary: bool = False) -> None:
         hook = self.app.message_hook
@@ -137,9 +165,7 @@ class AppRunner:
             finally:
                 conn.sent()
 
-        task = asyncio.ensure_future(run())
-        conn.app_tail = task
-        self.node.spawn(task)
+        self._chain(conn, asyncio.ensure_future(run()))
 
     async def _call(
         self, conn: Connection, call: Callable[[], Any], what: str, answer: bool, frame_id: Any
@@ -147,13 +173,13 @@ class AppRunner:
         try:
             return await asyncio.wait_for(_result(call()), self.app.message_timeout)
         except ProtocolError as exc:
-            if answer:  # an on_message answer the application chose (AppError)
-                conn.error(frame_id, exc.code, exc.message, charge=False)
-            else:  # nobody to answer: on_connect/on_close, a frame without id, raw mode
+            if what == "on_message" and not conn.raw:  # the answer the app chose (AppError)
+                conn.error(frame_id if answer else None, exc.code, exc.message, charge=False)
+            elif conn.closing:  # e.g. a session write after the client left: not a failure
+                log.debug("%s of %s after the close: %s", what, conn.cid, exc)
+            else:  # nobody to answer it to: on_connect, on_close, raw mode
                 self.node.metrics.app_errors.labels(hook=what).inc()
                 log.warning("%s of %s: %s", what, conn.cid, exc)
-                if what == "on_message" and not conn.raw:
-                    conn.error(None, exc.code, exc.message, charge=False)
         except Exception as exc:
             self.node.metrics.app_errors.labels(hook=what).inc()
             if isinstance(exc, TimeoutError):
@@ -184,6 +210,11 @@ class AppRunner:
         except Exception:
             self.node.metrics.app_errors.labels(hook=what).inc()
             log.exception("%s failed", what)
+
+
+def _drained(conn: Connection, task: asyncio.Future[None]) -> None:
+    if conn.app_tail is task:  # nothing queued behind it: core frames need not wait any more
+        conn.holding = False
 
 
 class _Failed:

@@ -87,3 +87,56 @@ async def test_api_key_guards_the_http_api(
             assert r.status == 200
         async with http.get(f"{api}/healthz") as r:  # health and metrics stay open
             assert r.status == 200
+
+
+async def test_http_api_for_connections_and_sessions(cluster: Nodes, unique: str) -> None:
+    """/api/bind|unbind|join|leave|session act on a connection held by another node."""
+    ws = await WS.open(cluster.ws_urls[1])
+    cid, group, uid = ws.client_id, f"hg{unique}", f"hu{unique}"
+    api = cluster.api_urls[0]
+
+    async def call(method: str, path: str, **kw: object) -> tuple[int, dict[str, object]]:
+        async with aiohttp.ClientSession() as http, http.request(method, api + path, **kw) as r:
+            return r.status, await r.json()
+
+    assert await call("POST", "/api/join", json={"client_id": cid, "group": group}) == (
+        200, {"ok": True})  # fmt: skip
+    # the barrier holds: a message sent right after the answer reaches the connection
+    assert (await call("POST", "/api/send", json={"to": f"group:{group}", "data": 1}))[0] == 200
+    assert (await ws.next(type="message"))["data"] == 1
+    assert (await call("POST", "/api/bind", json={"client_id": cid, "uid": uid}))[1] == {
+        "ok": True}  # fmt: skip
+    await call("POST", "/api/send", json={"to": f"uid:{uid}", "data": 2})
+    assert (await ws.next(type="message"))["data"] == 2
+    for path, body in (("/api/leave", {"client_id": cid, "group": group}),
+                       ("/api/unbind", {"client_id": cid})):  # fmt: skip
+        assert await call("POST", path, json=body) == (200, {"ok": True})
+    await call("POST", "/api/send", json={"to": f"group:{group}", "data": 3})
+    await call("POST", "/api/send", json={"to": f"uid:{uid}", "data": 4})
+    await ws.nothing()
+    # sessions: replace, merge (null deletes), read; unknown connections
+    body = {"client_id": cid, "session": {"a": 1, "b": [1, None]}}
+    assert await call("POST", "/api/session", json=body) == (200, {"ok": True})
+    merge = {"client_id": cid, "session": {"a": None, "c": "x"}, "merge": True}
+    assert await call("POST", "/api/session", json=merge) == (200, {"ok": True})
+    assert await call("GET", "/api/session", params={"client_id": cid}) == (
+        200, {"session": {"b": [1, None], "c": "x"}})  # fmt: skip
+    ghost = cid.rsplit(".", 1)[0] + ".999999"
+    assert await call("GET", "/api/session", params={"client_id": ghost}) == (
+        200, {"session": None})  # fmt: skip
+    assert await call("POST", "/api/join", json={"client_id": ghost, "group": "g"}) == (
+        200, {"ok": False})  # fmt: skip
+    big = {"client_id": cid, "session": {"k": "x" * 20000}}
+    status, err = await call("POST", "/api/session", json=big)
+    assert status == 413 and err["error"]["code"] == "too_large"  # type: ignore[index]
+    # bad input: the documented JSON error shape, also for unknown paths and methods
+    for method, path, kw, code in (
+        ("GET", "/api/session", {}, 400),
+        ("POST", "/api/bind", {"json": {"client_id": cid}}, 400),
+        ("POST", "/api/join", {"json": {"client_id": "nope", "group": "g"}}, 400),
+        ("POST", "/api/session", {"json": {"client_id": cid, "session": [1]}}, 400),
+        ("GET", "/api/nowhere", {}, 404),
+        ("GET", "/api/send", {}, 405),
+    ):
+        status, err = await call(method, path, **kw)
+        assert status == code and "code" in err["error"], (path, err)  # type: ignore[operator]

@@ -341,3 +341,26 @@ async def test_raw_app_refreshes_a_token(own: list[Node]) -> None:
         assert (await asyncio.wait_for(conn.recv(), 5)).startswith("ok alice")
     finally:
         await conn.close()
+
+
+async def test_core_frames_wait_for_on_connect(own: list[Node]) -> None:
+    """A client's first `send` to the group its on_connect joins is not refused: core frames
+    wait until on_connect has run (ping does not)."""
+    app = App()
+
+    @app.on_connect
+    async def connect(conn: Conn) -> None:
+        await asyncio.sleep(0.3)  # e.g. a database lookup
+        await conn.join("lobby")
+
+    node = await _node(app, jwt_secret=SECRET)  # JWT policy: only joined groups
+    own.append(node)
+    ws = await WS.open(f"{url(node)}?token={_token('alice')}")
+    await ws.send_raw(json.dumps({"type": "send", "to": "group:lobby", "data": 1, "id": 1}))
+    await ws.send_raw(json.dumps({"type": "ping", "id": 2}))
+    first = json.loads(await asyncio.wait_for(ws.conn.recv(), 5))
+    assert first == {"type": "pong", "id": 2}  # not held
+    got = [json.loads(await asyncio.wait_for(ws.conn.recv(), 5)) for _ in range(2)]
+    assert {g["type"] for g in got} == {"ack", "message"}, got
+    count = await ws.ok({"type": "presence", "to": "group:lobby"})
+    assert count["count"] == 1

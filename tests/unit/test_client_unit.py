@@ -210,7 +210,7 @@ async def refuser_url() -> AsyncIterator[tuple[Refuser, str]]:
     await server.wait_closed()
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("status", [401, 403, 404, 426])  # token, origin, path, app's own
 async def test_auth_refusals_are_terminal(refuser_url: tuple[Refuser, str], status: int) -> None:
     refuser, url = refuser_url
     refuser.status = status
@@ -221,7 +221,7 @@ async def test_auth_refusals_are_terminal(refuser_url: tuple[Refuser, str], stat
     assert refuser.attempts == 1
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
 async def test_busy_refusals_are_retried_a_bounded_number_of_times(
     refuser_url: tuple[Refuser, str], status: int
 ) -> None:

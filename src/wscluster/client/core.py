@@ -28,12 +28,12 @@ from picows import WSError, WSHandshakeError, ws_connect
 from ..backoff import Backoff
 from .link import Link
 from .protocol import (
-    RETRY_STATUSES,
     ConnectionClosed,
     Frame,
     HandshakeRefused,
     PushQueue,
     ServerError,
+    retryable_status,
 )
 from .session import supervise
 
@@ -119,7 +119,7 @@ class Client:
                 link = await self._open_link()
                 break
             except HandshakeRefused as exc:
-                if exc.status not in RETRY_STATUSES or refusals >= self.max_handshake_retries:
+                if not retryable_status(exc.status) or refusals >= self.max_handshake_retries:
                     raise
                 refusals += 1
                 await asyncio.sleep(backoff.next())

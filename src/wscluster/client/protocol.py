@@ -12,8 +12,7 @@ import msgspec
 Frame = dict[str, Any]
 
 TERMINAL_CLOSE_CODES = frozenset({1008, 4001})  # policy, kicked by the server API
-TERMINAL_STATUSES = frozenset({401, 403})  # bad token, disallowed origin
-RETRY_STATUSES = frozenset({429, 503})  # busy, full or draining: try again later
+RETRY_STATUSES = frozenset({408, 429})  # and every 5xx: busy, full or draining, try later
 REPLY_TYPES = frozenset({"ack", "pong", "error"})
 MAX_RETRY_HINT = 60.0
 
@@ -32,7 +31,8 @@ class ConnectionClosed(Exception):
     """The link is gone (``code`` is the close code received, None without a close frame)."""
 
     def __init__(self, code: int | None, reason: str = "") -> None:
-        super().__init__(f"connection closed (code {code}){': ' + reason if reason else ''}")
+        what = f"connection closed (code {code})" if code is not None else "connection closed"
+        super().__init__(f"{what}: {reason}" if reason else what)
         self.code = code
         self.reason = reason
 
@@ -45,6 +45,12 @@ class HandshakeRefused(ConnectionClosed):
         super().__init__(None, f"handshake refused with HTTP {status}{detail}")
         self.status = status
         self.reason = reason  # the node's {"error": …} text (e.g. "token expired")
+
+
+def retryable_status(status: int) -> bool:
+    """A refused handshake worth retrying (a bounded number of times): 408, 429 and 5xx.
+    Other 4xx (401 bad token, 403 origin, an application's own refusal) are final."""
+    return status in RETRY_STATUSES or status >= 500
 
 
 def is_terminal_close(code: int | None) -> bool:

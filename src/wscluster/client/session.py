@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 from ..backoff import Backoff
 from .link import Link
 from .protocol import (
-    TERMINAL_STATUSES,
     ConnectionClosed,
     Frame,
     HandshakeRefused,
     ServerError,
     is_terminal_close,
     retry_hint,
+    retryable_status,
 )
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ async def _watch(client: Client, link: Link) -> None:
 
 async def _reconnect(client: Client, hint: float | None) -> Link | None:
     backoff = Backoff(client.backoff_base, client.backoff_cap)
-    refusals = 0
+    refusals = failures = 0
     while True:
         delay = backoff.next() + (hint or 0.0)
         hint = None
@@ -73,13 +73,15 @@ async def _reconnect(client: Client, hint: float | None) -> Link | None:
         try:
             link = await client._open_link()
         except HandshakeRefused as exc:
-            if exc.status in TERMINAL_STATUSES or refusals >= client.max_handshake_retries:
+            if not retryable_status(exc.status) or refusals >= client.max_handshake_retries:
                 client._finish(exc)
                 return None
             refusals += 1
             continue
         except (ConnectionClosed, TimeoutError) as exc:
-            log.debug("reconnect to %s failed: %s", client.url, exc)
+            failures += 1  # unreachable: keep trying (a node comes back, a balancer moves on)
+            level = logging.WARNING if failures % 10 == 0 else logging.DEBUG
+            log.log(level, "reconnect to %s failed %d times: %s", client.url, failures, exc)
             continue
         if client._closing:
             await link.shutdown(1.0)

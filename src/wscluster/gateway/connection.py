@@ -55,6 +55,7 @@ class Connection(WSListener):
         self.expiry: asyncio.TimerHandle | None = None  # closes 1008 when the token expires
         self.close_code: int | None = None  # sent or received; None until then
         self.admitting = False  # its uid is being bound and checked: no welcome yet
+        self.holding = False  # core frames queue behind the app's on_connect
         self.server_closed = False  # the server started the close (refused, kicked, expired)
         self.app: Any = None  # the application's handle (wscluster.conn.Conn), if any
         self.app_tail: asyncio.Future[None] | None = None  # last queued app handler

@@ -46,8 +46,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, Code.TOO_LARGE, "request body too large")
-    except web.HTTPException:
-        raise  # aiohttp's own answers (404, 405)
+    except web.HTTPException as exc:
+        if exc.status in (404, 405):  # the documented error shape, not aiohttp's text
+            return _error(exc.status, Code.BAD_REQUEST, exc.reason)
+        raise
     except ProtocolError as exc:
         status = 413 if exc.code is Code.TOO_LARGE else 400
         return _error(status, exc.code, exc.message)
@@ -147,7 +149,9 @@ async def api_leave(request: web.Request) -> web.Response:
 
 
 async def api_get_session(request: web.Request) -> web.Response:
-    cid = request.query.get("client_id", "")
+    cid = request.query.get("client_id")
+    if cid is None:
+        raise bad_request("'client_id' is required")
     return _json({"session": await request.app[CLUSTER].get_session(cid)})
 
 
