@@ -80,11 +80,7 @@ class AppRunner:
 
         async def run() -> None:
             try:
-                if prev is not None and not prev.done():
-                    await asyncio.wait([prev])
-                if gate is not None and not await gate:
-                    return
-                if not conn.server_closed and not conn.closing:
+                if await _my_turn(prev, gate) and not conn.server_closed and not conn.closing:
                     work()
             finally:
                 conn.sent()
@@ -152,9 +148,7 @@ class AppRunner:
 
         async def run() -> None:
             try:
-                if prev is not None and not prev.done():
-                    await asyncio.wait([prev])
-                if gate is not None and not await gate:
+                if not await _my_turn(prev, gate):
                     return  # never welcomed: neither on_connect nor on_message runs
                 if what == "on_message" and conn.server_closed:
                     return  # refused (e.g. by on_connect), kicked or expired: not handled
@@ -210,6 +204,13 @@ class AppRunner:
         except Exception:
             self.node.metrics.app_errors.labels(hook=what).inc()
             log.exception("%s failed", what)
+
+
+async def _my_turn(prev: asyncio.Future[None] | None, gate: asyncio.Future[bool] | None) -> bool:
+    """Wait for the connection's previous handler, then for its welcome (False: never)."""
+    if prev is not None and not prev.done():
+        await asyncio.wait([prev])
+    return gate is None or await gate
 
 
 def _drained(conn: Connection, task: asyncio.Future[None]) -> None:
