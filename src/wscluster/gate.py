@@ -17,6 +17,9 @@ from .config import NodeConfig
 log = logging.getLogger("wscluster.node")
 
 
+_NOTHING: dict[str, str] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int
@@ -43,6 +46,7 @@ class Gate:
         verifier: JwtVerifier | None,
         uid_count: Callable[[str], int],
         app_hook: Callable[[Request], Reject | None] | None,
+        keep_request: bool = True,
     ) -> None:
         origins = config.origins
         self.origins = (
@@ -52,6 +56,7 @@ class Gate:
         self.per_uid = config.max_connections_per_uid
         self.uid_count = uid_count
         self.app_hook = app_hook
+        self.keep_request = keep_request  # only an application reads them after the upgrade
 
     def check(
         self, path: str, query: str, headers: Mapping[str, str]
@@ -60,9 +65,12 @@ class Gate:
             return Refusal(403, "origin not allowed")
         forwarded = headers.get("X-Forwarded-For")
         peer = forwarded.split(",", 1)[0].strip() or None if forwarded else None
-        params = dict(parse_qsl(query, keep_blank_values=True))
-        params.pop("token", None)  # never handed to the app, which might log it
-        request = Request(path, params, headers, peer)
+        if self.keep_request:
+            params = dict(parse_qsl(query, keep_blank_values=True))
+            params.pop("token", None)  # never handed to the app, which might log it
+            request = Request(path, params, headers, peer)
+        else:  # no application: keep nothing per connection that nobody reads
+            request = Request(path, _NOTHING, _NOTHING, peer)
         if self.verifier is not None:
             try:
                 token = token_from(query, headers)

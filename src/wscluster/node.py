@@ -63,7 +63,8 @@ class Node:
             self.app.bind_cluster(self.cluster)
         self.verifier = make_verifier(config)
         self.gate = Gate(config, self.verifier, self.registry.uid_size,
-                         self.app.handshake_hook if self.app is not None else None)  # fmt: skip
+                         self.app.handshake_hook if self.app is not None else None,
+                         keep_request=self.app is not None)  # fmt: skip
         self.ops = Ops(self)
         self.admission = Admission(self)
         self.handlers = Handlers(self)

@@ -72,7 +72,7 @@ class PublicServer:
                 return _refuse(node, status, "node is full or draining, try another node")
             _, _, query = request.path.partition(b"?")
             verdict = node.gate.check(
-                path.decode("latin-1"), query.decode("latin-1"), request.headers
+                "/ws", query.decode("latin-1"), request.headers
             )
             if isinstance(verdict, Refusal):
                 return _refuse(node, verdict.status, verdict.reason)
