@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from wscluster import Cluster as WSCluster
 from wscluster.embedded import EmbeddedRedis
 
 from .conftest import Cluster
@@ -41,3 +42,16 @@ async def test_cross_node_routing_over(
     assert (await b.next(type="message"))["data"] == "everyone"
     got = await a.ok({"type": "presence", "to": f"group:g{unique}"})
     assert got["uids"] == [f"b{unique}"]
+    # a backend process changes b's groups and uid through this broker (control requests
+    # and their replies), with the barrier of b's own requests; sessions go to the store
+    async with WSCluster(url, namespace=c.namespace, presence_url=valkey.url) as api:
+        assert await api.join(b.client_id, f"h{unique}") is True
+        await api.send(f"group:h{unique}", "joined by the backend")
+        assert (await b.next(type="message"))["data"] == "joined by the backend"
+        assert await api.bind_uid(b.client_id, f"n{unique}") is True
+        await api.send(f"uid:n{unique}", "bound by the backend")
+        assert (await b.next(type="message"))["data"] == "bound by the backend"
+        ghost = b.client_id.rsplit(".", 1)[0] + ".999999"
+        assert await api.leave(ghost, f"h{unique}") is False
+        assert await api.set_session(b.client_id, {"k": broker}) is True
+        assert await api.get_session(b.client_id) == {"k": broker}
