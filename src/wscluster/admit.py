@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import frames
+from .auth import AuthError, Claims
 from .errors import Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .policy import Policy
@@ -88,6 +89,17 @@ class Admission:
         """Not welcomed (refused, or closed first): the application's on_connect never runs."""
         if self.node.app_runner is not None:
             self.node.app_runner.welcomed(conn, False)
+
+    def verify(self, token: str) -> Claims:
+        """A token sent after the handshake (``login``, ``Conn.refresh``): its claims, or
+        ``ProtocolError(forbidden)`` for a bad token or a node without a JWT key."""
+        verifier = self.node.verifier
+        if verifier is None:
+            raise ProtocolError(Code.FORBIDDEN, "this node does not accept tokens")
+        try:
+            return verifier.verify(token)
+        except AuthError as exc:
+            raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
 
     def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
         """Adopt a verified token: its policy, and a close (1008) when it expires. The

@@ -10,7 +10,6 @@ from picows import WSMsgType
 
 from . import envelope
 from .app import Request
-from .auth import AuthError
 from .errors import Code, ProtocolError
 from .gateway.connection import Connection
 from .routing import check_name
@@ -84,10 +83,7 @@ class Conn:
 
     def push(self, payload: str | bytes) -> None:
         """Write ``payload`` as it is: text for ``str``, a binary frame for ``bytes``."""
-        if isinstance(payload, str):
-            self._conn.reply(payload.encode())
-        else:
-            self._conn.push(payload, WSMsgType.BINARY)
+        push(self._conn, payload)
 
     def close(self, code: int = KICK, reason: str = "") -> None:
         """Close with ``code`` (1000-1003, 1007-1014 or 3000-4999: others may not be sent,
@@ -105,14 +101,9 @@ class Conn:
         ``login`` with a token does: for raw-mode apps, whose clients cannot send one.
         Returns the claims; raises ``ProtocolError(forbidden)`` for a bad token or a node
         without a JWT key. It does not re-bind: call ``bind(claims["sub"])`` for that."""
-        verifier = self._node.verifier
-        if verifier is None:
-            raise ProtocolError(Code.FORBIDDEN, "this node does not accept tokens")
-        try:
-            claims = verifier.verify(token)
-        except AuthError as exc:
-            raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
-        self._node.admission.apply_claims(self._conn, claims.raw)
+        admission = self._node.admission
+        claims = admission.verify(token)
+        admission.apply_claims(self._conn, claims.raw)
         return claims.raw
 
     async def bind(self, uid: str) -> None:
@@ -145,3 +136,11 @@ class Conn:
                     else cluster.update_session(self._conn.cid, values))  # fmt: skip
         if not ok:
             raise ProtocolError(Code.BAD_REQUEST, "the connection is closed")
+
+
+def push(conn: Connection, payload: str | bytes) -> None:
+    """Write ``payload`` as it is: text for ``str``, a binary frame for ``bytes``."""
+    if isinstance(payload, str):
+        conn.reply(payload.encode())
+    else:
+        conn.push(payload, WSMsgType.BINARY)

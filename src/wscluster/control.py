@@ -4,7 +4,8 @@ the same barrier as the client's own request, and answers on the asker's reply c
 
 ``ControlClient.request`` returns True once the change holds, False when no node holds
 that connection (it closed, or never existed); it raises ``ProtocolError(unavailable)``
-when the broker is down or the node did not answer within the timeout (e.g. it died).
+when the broker is down or the node did not answer within the timeout (e.g. it died), and
+``ProtocolError`` with the node's code when the node refused the change.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("wscluster.control")
-ACTIONS = frozenset({"bind", "unbind", "join", "leave"})
 LocalHandler = Callable[[str, str, str], Awaitable[bool] | None]
 
 

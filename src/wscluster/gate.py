@@ -1,6 +1,7 @@
-"""The handshake checks of a node, in order: full or draining (503), Origin (403), JWT
-(401), the uid's connections on this node (429), then the application's ``on_handshake``.
-Synchronous: picows decides the upgrade in a plain callback."""
+"""The handshake checks of a node, in order (after the public server's own 503 when the node
+is full or draining): Origin (403), JWT (401), the uid's connections on this node (429),
+then the application's ``on_handshake``. Synchronous: picows decides the upgrade in a plain
+callback."""
 
 from __future__ import annotations
 

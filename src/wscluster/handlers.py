@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import envelope, frames
-from .auth import AuthError
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .policy import Action
+from .registry import Entry
 from .routing import Kind, channel_for
 
 if TYPE_CHECKING:
@@ -39,16 +39,11 @@ class Handlers:
         }
 
     def handle(self, conn: Connection, payload: bytes) -> None:
+        if conn.raw:
+            self.handle_raw(conn, payload)
+            return
         node = self.node
         runner = node.app_runner
-        if runner is not None and runner.app.raw:
-            if len(payload) > node.config.max_message_size:
-                conn.close(1009, "message too big")  # a raw client gets no error frames
-            elif conn.take_token():
-                runner.raw_message(conn, payload)
-            else:
-                conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
-            return
         try:
             cmd = frames.parse(payload)
         except frames.FrameError as exc:
@@ -75,6 +70,17 @@ class Handlers:
         else:
             self._run(handler, conn, cmd)
 
+    def handle_raw(self, conn: Connection, payload: bytes, binary: bool = False) -> None:
+        """A frame of an ``App(raw=True)`` client (``conn.raw``): all of it goes to the app."""
+        runner = self.node.app_runner
+        assert runner is not None
+        if len(payload) > self.node.config.max_message_size:
+            conn.close(1009, "message too big")  # a raw client gets no error frames
+        elif conn.take_token():
+            runner.raw_message(conn, payload, binary)
+        else:
+            conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
+
     def _run(self, handler: Handler, conn: Connection, cmd: frames.Command) -> None:
         try:
             handler(conn, cmd)
@@ -95,12 +101,13 @@ class Handlers:
             raise ProtocolError(Code.NOT_LOGGED_IN, "login before sending")
         address = cmd.address
         assert address is not None
-        self.allow(conn, Action.SEND, str(address))
+        to = str(address)
+        self.allow(conn, Action.SEND, to, entry)
         if node.broker.pending_bytes > node.config.max_publish_queue:
             raise ProtocolError(Code.RATE_LIMITED, "node overloaded, slow down")
-        frame = envelope.message_frame(address, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
+        frame = envelope.message_frame(to, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
         fut = node.broker.publish_nowait(
-            channel_for(node.names, address), envelope.deliver(address, frame)
+            channel_for(node.names, address), envelope.deliver(to, frame)
         )
         conn.sending()
         frame_id = cmd.id
@@ -124,12 +131,7 @@ class Handlers:
         token = cmd.raw.token
         claims = None
         if token is not None:
-            if node.verifier is None:
-                raise ProtocolError(Code.FORBIDDEN, "this node does not accept tokens")
-            try:
-                claims = node.verifier.verify(token)
-            except AuthError as exc:
-                raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
+            claims = node.admission.verify(token)
             uid = claims.uid
         elif node.config.anonymous:
             assert cmd.name is not None
@@ -187,10 +189,14 @@ class Handlers:
         self.reply(conn, cmd.id, run())
 
     # --- helpers ---------------------------------------------------------------------
-    def allow(self, conn: Connection, action: Action, target: str) -> None:
+    def allow(
+        self, conn: Connection, action: Action, target: str, entry: Entry[Connection] | None = None
+    ) -> None:
         """Raise ``forbidden`` unless the connection's policy (JWT claims) and the
-        application's ``authorize`` hook allow the action."""
-        entry = self.ops.entry(conn)
+        application's ``authorize`` hook allow the action (``entry``: the connection's, if
+        the caller has it already)."""
+        if entry is None:
+            entry = self.ops.entry(conn)
         reason = conn.policy.decide(action, target, entry.groups) if conn.policy else None
         runner = self.node.app_runner
         verdict = runner.authorize(conn, action, target) if runner is not None else None

@@ -18,10 +18,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from picows import WSMsgType
 
 from .app import App, Closed
-from .conn import Conn
+from .conn import Conn, push
 from .errors import Code, ProtocolError
 from .gateway.connection import Connection
 from .policy import Action
@@ -38,7 +37,6 @@ class AppRunner:
     def __init__(self, node: Node, app: App) -> None:
         self.node = node
         self.app = app
-        self._admitting: dict[str, asyncio.Future[bool]] = {}  # cid -> welcomed?
         self._dead_slots = asyncio.Semaphore(DEAD_NODE_CONCURRENCY)
 
     # --- per connection, in order --------------------------------------------------------
@@ -52,16 +50,16 @@ class AppRunner:
         # a client's first `send` to a group its on_connect joins must not be refused
         conn.holding = self.app.connect_hook is not None
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._admitting[conn.cid] = gate
-        conn.app_gate = gate
+        conn.app_gate = gate  # welcomed?
         hook = self.app.connect_hook
         self._queue(conn, lambda: hook(conn.app) if hook is not None else None,
                     "on_connect", None, gate)  # fmt: skip
 
     def welcomed(self, conn: Connection, ok: bool = True) -> None:
         """The connection was welcomed (run on_connect), or refused or closed before (then
-        on_connect never runs). Every connection that was attached gets exactly one call."""
-        gate = self._admitting.pop(conn.cid, None)
+        on_connect never runs). Only the first call for a connection counts (a close after
+        the welcome calls it again, to no effect)."""
+        gate = conn.app_gate
         if gate is not None and not gate.done():
             gate.set_result(ok)
 
@@ -74,13 +72,13 @@ class AppRunner:
     def held(self, conn: Connection, work: Callable[[], None]) -> None:
         """Run a core frame's handler (``work``, synchronous) in the chain, after on_connect
         and whatever was queued before it; skipped if the connection was never welcomed or
-        the server closed it meanwhile."""
+        is closing (by the server or the client) meanwhile."""
         prev, gate = conn.app_tail, conn.app_gate
         conn.sending()
 
         async def run() -> None:
             try:
-                if await _my_turn(prev, gate) and not conn.server_closed and not conn.closing:
+                if await _my_turn(prev, gate) and not conn.closing:
                     work()
             finally:
                 conn.sent()
@@ -230,9 +228,7 @@ async def _result(value: Any) -> Any:
 
 
 def _write_raw(conn: Connection, result: Any) -> None:
-    if isinstance(result, bytes):
-        conn.push(result, WSMsgType.BINARY)
-    elif isinstance(result, str):
-        conn.reply(result.encode())
+    if isinstance(result, str | bytes):
+        push(conn, result)
     else:
         conn.reply(msgspec.json.encode(result))

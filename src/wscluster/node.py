@@ -179,14 +179,9 @@ class Node:
         self.handlers.handle(conn, payload)
 
     def on_binary(self, conn: Connection, payload: bytes) -> bool:
-        if not conn.raw or self.app_runner is None:
+        if not conn.raw:
             return False
-        if len(payload) > self.config.max_message_size:
-            conn.close(1009, "message too big")
-        elif conn.take_token():
-            self.app_runner.raw_message(conn, payload, binary=True)
-        else:
-            conn.error(None, Code.RATE_LIMITED, "slow down", charge=True)
+        self.handlers.handle_raw(conn, payload, binary=True)
         return True
 
     def on_closed(self, conn: Connection) -> None:

@@ -4,7 +4,9 @@ frames, application handlers and remote cluster API calls.
 Each operation changes the local registry synchronously (so requests apply in the order
 they were made) and returns an awaitable barrier: it returns once the broker subscription
 and the presence write behind the change hold, or undoes the local change and raises
-``ProtocolError(unavailable)``.
+``ProtocolError`` (``unavailable``; ``internal`` for an unexpected failure). ``join`` may
+refuse at once (``forbidden``: too many groups); ``leave`` and ``unbind`` never fail (the
+local change is their barrier).
 """
 
 from __future__ import annotations
