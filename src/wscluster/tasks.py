@@ -13,8 +13,13 @@ from typing import Any
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], step: float = 0.1) -> None:
+    """Cancel ``tasks`` until all are done; their exceptions are retrieved (not raised)."""
+    tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
     while pending:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=step)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, as gather(return_exceptions=True) would

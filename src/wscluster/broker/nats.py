@@ -257,9 +257,7 @@ class NatsBroker:
             if writer.done():
                 writer.result()
         finally:
-            for task in (lost, writer):
-                task.cancel()
-            await asyncio.gather(lost, writer, return_exceptions=True)
+            await cancel_and_wait([lost, writer])
 
     def _link_lost(self, link: Link, reason: str) -> None:
         link.fail()
