@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("wscluster.control")
-LocalHandler = Callable[[str, str, str], Awaitable[bool] | None]
+LocalHandler = Callable[[str, str, str], Awaitable[str] | None]  # a status, or not local
 
 
 class ControlClient:
@@ -41,10 +41,9 @@ class ControlClient:
         self._subscribed: asyncio.Future[None] | None = None
 
     async def request(self, cid: str, action: str, arg: str = "") -> bool:
-        if self.local is not None:
-            done = self.local(cid, action, arg)
-            if done is not None:  # the connection is (or was) on this very node
-                return await done
+        local = self.local(cid, action, arg) if self.local is not None else None
+        if local is not None:  # the connection is (or was) on this very node
+            return _outcome(await local, action)
         node_id = node_of_client(cid)
         if node_id is None:
             return False
@@ -62,11 +61,7 @@ class ControlClient:
             raise ProtocolError(Code.UNAVAILABLE, f"no answer from the node of {cid}") from None
         finally:
             self._waiting.pop(request_id, None)
-        if status == "ok":
-            return True
-        if status == "gone":
-            return False
-        raise ProtocolError(Code(status), f"{action} refused by the node")
+        return _outcome(status, action)
 
     def on_reply(self, payload: bytes) -> None:
         try:
@@ -86,6 +81,15 @@ class ControlClient:
             await asyncio.shield(self._subscribed)
         except BrokerUnavailable:
             raise ProtocolError(Code.UNAVAILABLE, "broker unavailable") from None
+
+
+def _outcome(status: str, action: str) -> bool:
+    """True: applied; False: no such connection; else the node's refusal, raised."""
+    if status == "ok":
+        return True
+    if status == "gone":
+        return False
+    raise ProtocolError(Code(status), f"{action} refused by the node")
 
 
 _STATUSES = frozenset({"ok", "gone", *(c.value for c in Code)})

@@ -19,7 +19,7 @@ from .broker import create_broker
 from .cluster import Cluster
 from .config import NodeConfig
 from .drain import drain_connections
-from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
+from .errors import BrokerUnavailable, PresenceUnavailable
 from .gate import Gate, make_verifier
 from .gateway.connection import Connection
 from .handlers import Handlers
@@ -211,18 +211,12 @@ class Node:
 
         self.spawn(closed())
 
-    def _local_control(self, cid: str, action: str, arg: str) -> Awaitable[bool] | None:
-        """Control requests for this node's own connections skip the broker."""
+    def _local_control(self, cid: str, action: str, arg: str) -> Awaitable[str] | None:
+        """Control requests for this node's own connections skip the broker: the status
+        ("ok", "gone" or an error code), as the holder's node would answer it."""
         if node_of_client(cid) != self.node_id:
             return None
-
-        async def run() -> bool:
-            status = await control.apply(self, cid, action, arg)
-            if status not in ("ok", "gone"):
-                raise ProtocolError(Code(status), f"{action} failed")
-            return status == "ok"
-
-        return run()
+        return control.apply(self, cid, action, arg)
 
     # --- presence ----------------------------------------------------------------------
     async def presence_write(self, write: Awaitable[None]) -> None:
