@@ -1,4 +1,4 @@
-"""Command line: ``wscluster serve | up | send | status``. Every option also reads
+"""Command line: ``wscluster serve | up | send | status | nginx-conf``. Every option also reads
 ``WSCLUSTER_<OPTION>`` from the environment (upper case, dashes as underscores)."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import nginx
 from .config import NodeConfig
 
 if TYPE_CHECKING:
@@ -106,7 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--to", default=to, required=to is None,
                            help="client:<id> | uid:<uid> | group:<g> | all")  # fmt: skip
             c.add_argument("data", help="JSON value (text that is not JSON is sent as a string)")
+
+    g = sub.add_parser("nginx-conf", help="print an nginx config for the nodes (conf.d snippet)")
+    g.add_argument("--upstream", action="extend", type=_checked(nginx.parse_upstreams),
+                   default=None, metavar="HOST:PORT",
+                   help="a node's public port; once per node, in order (required)")  # fmt: skip
+    _add(g, "listen", "80", _checked(nginx.parse_listen), help="PORT or ADDRESS:PORT")
+    _add(g, "server-name", "_")
+    _add(g, "ping-interval", 25.0, float, help="the nodes' --ping-interval (sets the timeouts)")
+    _add(g, "limit-conn", 0, int, help="WebSocket connections per client IP (0: no limit)")
+    g.add_argument("--standalone", action="store_true", default=_flag("standalone"),
+                   help="a complete nginx.conf, its paths relative to nginx -p DIR")  # fmt: skip
     return parser
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser raising ValueError, keeping its message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def _setup_logging(level: str) -> None:
@@ -207,8 +231,30 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nginx_conf(args: argparse.Namespace) -> int:
+    try:
+        upstreams = args.upstream
+        if upstreams is None:
+            env = _env("upstream", "")
+            if not env:
+                raise ValueError("--upstream HOST:PORT is required (once per node)")
+            upstreams = nginx.parse_upstreams(env)
+        options = nginx.NginxOptions(
+            tuple(upstreams), listen=args.listen, server_name=args.server_name,
+            ping_interval=args.ping_interval, limit_conn=args.limit_conn,
+            standalone=args.standalone,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"wscluster nginx-conf: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(nginx.render(options))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "nginx-conf":
+        return cmd_nginx_conf(args)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "up":

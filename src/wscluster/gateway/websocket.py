@@ -1,10 +1,12 @@
-"""The public port: WebSocket clients at /ws, plus GET / (demo page) and GET /healthz, all
-served by picows (plain responses for the two HTTP paths)."""
+"""The public port: WebSocket clients at /ws, plus the chat page's static files, GET
+/nodes.json (the live nodes, for the page's node chooser) and GET /healthz, all served by
+picows (plain responses for the HTTP paths)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ class _PeerNoise(logging.Filter):
         return record.exc_info is not None
 
 
+log = logging.getLogger("wscluster.public")
 logging.getLogger("picows").addFilter(_PeerNoise())
 # picows logs each connection through a child Logger it makes itself ("picows.server.<fd>"),
 # and a parent's filters never see a child's records; handed a LoggerAdapter, it logs
@@ -42,11 +45,31 @@ _PICOWS_LOGGER = logging.LoggerAdapter(_server_log, {})
 _READ_BUFFER = 2048
 
 
+# The chat page (static/, read once at start): path -> (file, content type).
+_PAGE_FILES = {
+    b"/": ("index.html", "text/html; charset=utf-8"),
+    b"/index.html": ("index.html", "text/html; charset=utf-8"),
+    b"/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
+    b"/chat.css": ("chat.css", "text/css; charset=utf-8"),
+    b"/wscluster.js": ("wscluster.js", "text/javascript; charset=utf-8"),
+}
+_NODES_REFRESH = 2.0  # seconds between reads of the live nodes for /nodes.json
+
+
 def _static(name: str) -> bytes:
     try:
         return (resources.files("wscluster") / "static" / name).read_bytes()
     except (FileNotFoundError, OSError):
-        return b"<!doctype html><title>wscluster</title><p>wscluster node</p>"
+        log.warning("static file %s is missing from the package", name)
+        return b""
+
+
+def nodes_body(node_id: str, nodes: list[tuple[str, int]]) -> bytes:
+    """``/nodes.json`` as a node answers it: each live node's id and public port, sorted by
+    id (nginx answers the same path with ``path`` entries instead of ports)."""
+    return msgspec.json.encode(
+        {"self": node_id, "nodes": [{"label": n, "node": n, "port": p} for n, p in sorted(nodes)]}
+    )
 
 
 def health_body(node: Node) -> tuple[int, bytes]:
@@ -61,7 +84,10 @@ class PublicServer:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.server: asyncio.Server | None = None
-        self._page = _static("index.html")
+        self._files = {path: (_static(name), ctype) for path, (name, ctype) in _PAGE_FILES.items()}
+        self._nodes = nodes_body(node.node_id, [(node.node_id, node.config.port)])
+        self._nodes_at = 0.0
+        self._nodes_task: asyncio.Task[None] | None = None
 
     def factory(self, request: WSUpgradeRequest) -> Connection | WSUpgradeResponseWithListener:
         node = self.node
@@ -82,11 +108,35 @@ class PublicServer:
         if path == b"/healthz":
             status, body = health_body(node)
             return _plain(status, body, "application/json")
-        if path in (b"/", b"/index.html"):
-            return _plain(200, self._page, "text/html; charset=utf-8")
+        if path == b"/nodes.json":
+            self._refresh_nodes()
+            return _plain(200, self._nodes, "application/json")
+        page = self._files.get(path)
+        if page is not None and page[0]:
+            return _plain(200, *page)
         return _plain(404, b"not found", "text/plain")
 
+    def _refresh_nodes(self) -> None:
+        """Serve the cached node list; re-read it in the background when it is stale."""
+        now = time.monotonic()
+        if now - self._nodes_at < _NODES_REFRESH or self._nodes_task is not None:
+            return
+        self._nodes_at = now
+        self._nodes_task = asyncio.get_running_loop().create_task(self._read_nodes())
+
+    async def _read_nodes(self) -> None:
+        node = self.node
+        try:
+            infos = await asyncio.wait_for(node.presence.nodes(), node.config.request_timeout)
+            live = [(i.node_id, int(i.stats.get("ws_port", 0))) for i in infos]
+            self._nodes = nodes_body(node.node_id, [(n, p) for n, p in live if p > 0])
+        except Exception as exc:  # the last list stays; the page works without it
+            log.debug("reading the live nodes failed: %r", exc)
+        finally:
+            self._nodes_task = None
+
     async def start(self) -> None:
+        self._refresh_nodes()
         cfg = self.node.config
         self.server = await ws_create_server(
             self.factory,
@@ -106,6 +156,8 @@ class PublicServer:
         )
 
     async def close(self) -> None:
+        if self._nodes_task is not None:
+            self._nodes_task.cancel()
         if self.server is not None:
             self.server.close()
             self.server = None

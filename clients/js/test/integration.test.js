@@ -1,0 +1,162 @@
+// The client against a real 3-node cluster (see test/cluster.js for where it comes from).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+
+import { WsclusterClient, ServerError } from "../wscluster.js";
+import { getCluster } from "./cluster.js";
+import { waitFor, once } from "./fake.js";
+
+let cluster;
+const clients = [];
+const tag = () => Math.random().toString(36).slice(2, 10);
+
+before(async () => { cluster = await getCluster(); }, { timeout: 60000 });
+
+after(async () => {
+  for (const c of clients) c.close();
+  await cluster?.stop();
+});
+
+/** A connected client that records every message and presence event in `inbox`. */
+async function client(urls, options = {}) {
+  const c = new WsclusterClient(urls, { backoffBase: 50, backoffCap: 500, requestTimeout: 5000, ...options });
+  c.inbox = [];
+  c.on("message", (f) => c.inbox.push(f));
+  c.on("presence", (f) => c.inbox.push(f));
+  clients.push(c);
+  await c.connect();
+  return c;
+}
+
+const received = (c, pred, what = "a frame") => waitFor(() => c.inbox.find(pred), 5000, what);
+
+async function api(i, path, body) {
+  const r = await fetch(cluster.api[i] + path, body === undefined ? {} : {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+  });
+  assert.equal(r.status, 200, `${path}: HTTP ${r.status}`);
+  return r.json();
+}
+
+test("private messages both ways between nodes", { timeout: 20000 }, async () => {
+  const [ua, ub] = [`a-${tag()}`, `b-${tag()}`];
+  const a = await client(cluster.ws[0], { uid: ua });
+  const b = await client(cluster.ws[1], { uid: ub });
+  assert.notEqual(a.node, b.node);
+  assert.equal(a.uid, ua);
+  assert.equal((await a.send(`uid:${ub}`, { text: "hi b" })).type, "ack");
+  const m1 = await received(b, (f) => f.type === "message" && f.data?.text === "hi b");
+  assert.equal(m1.to, `uid:${ub}`);
+  assert.deepEqual(m1.from, { uid: ua, client_id: a.clientId });
+  await b.send(`uid:${ua}`, { text: "hi a" });
+  const m2 = await received(a, (f) => f.type === "message" && f.data?.text === "hi a");
+  assert.deepEqual(m2.from, { uid: ub, client_id: b.clientId });
+});
+
+test("a group with presence events across nodes; presence queries", { timeout: 20000 }, async () => {
+  const g = `room-${tag()}`;
+  const [ua, ub] = [`a-${tag()}`, `b-${tag()}`];
+  const a = await client(cluster.ws[0], { uid: ua });
+  const b = await client(cluster.ws[1], { uid: ub });
+  await a.join(g, { presence: true });
+  await b.join(g);
+  assert.deepEqual([...a.groups], [[g, true]]);
+  const joined = await received(a, (f) => f.type === "presence" && f.event === "join", "presence join");
+  assert.deepEqual(joined, { type: "presence", group: g, event: "join", uid: ub, client_id: b.clientId });
+
+  await a.send(`group:${g}`, "hello room");
+  const m = await received(b, (f) => f.type === "message" && f.data === "hello room");
+  assert.equal(m.to, `group:${g}`);
+
+  let group; // read from the shared store: allow it a moment to catch up
+  for (let i = 0; i < 50; i++) {
+    group = await b.presence(`group:${g}`);
+    if (group.count === 2) break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.equal(group.count, 2);
+  assert.deepEqual([...group.uids].sort(), [ua, ub].sort());
+  assert.equal((await b.presence(`uid:${ua}`)).online, true);
+  assert.equal((await b.presence(`uid:nobody-${tag()}`)).online, false);
+
+  await b.leave(g);
+  assert.equal(b.groups.size, 0);
+  const left = await received(a, (f) => f.type === "presence" && f.event === "leave", "presence leave");
+  assert.equal(left.uid, ub);
+});
+
+test("a broadcast from the HTTP API reaches every node", { timeout: 20000 }, async () => {
+  const a = await client(cluster.ws[0], { uid: `a-${tag()}` });
+  const b = await client(cluster.ws[1]); // no uid: still in `all`
+  const marker = tag();
+  assert.deepEqual(await api(1, "/api/send", { to: "all", data: { marker } }), { ok: true });
+  for (const c of [a, b]) {
+    const m = await received(c, (f) => f.type === "message" && f.data?.marker === marker);
+    assert.equal(m.from, null);
+    assert.equal(m.to, "all");
+  }
+});
+
+test("errors: bad address, send before login, unknown type", { timeout: 20000 }, async () => {
+  const a = await client(cluster.ws[0], { uid: `a-${tag()}` });
+  const err = await a.send("nowhere", 1).catch((e) => e);
+  assert.ok(err instanceof ServerError);
+  assert.equal(err.code, "bad_request");
+  const anon = await client(cluster.ws[1]);
+  assert.equal(anon.uid, null);
+  const err2 = await anon.send(`uid:x-${tag()}`, 1).catch((e) => e);
+  assert.ok(err2 instanceof ServerError);
+  assert.equal(err2.code, "not_logged_in");
+  assert.equal((await a.request({ type: "frobnicate" }).catch((e) => e)).code, "unknown_type");
+  // the connections are still usable, and a login works later on
+  assert.equal((await anon.ping()).type, "pong");
+  const uid = `late-${tag()}`;
+  assert.equal((await anon.login({ uid })).uid, uid);
+  assert.equal(anon.uid, uid);
+  assert.equal((await anon.send(`uid:${uid}`, "me")).type, "ack");
+  await received(anon, (f) => f.type === "message" && f.data === "me");
+});
+
+test("a kick (close 4001 from the API) is terminal", { timeout: 20000 }, async () => {
+  const uid = `k-${tag()}`;
+  const k = await client(cluster.ws[1], { uid });
+  const dropped = once(k, "disconnected");
+  const closed = once(k, "closed");
+  assert.deepEqual(await api(0, "/api/close", { to: `uid:${uid}` }), { ok: true });
+  assert.equal((await dropped).willRetry, false);
+  assert.equal((await closed).code, 4001);
+  assert.equal(k.state, "closed");
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(k.state, "closed");
+  assert.equal(k.reconnects, 0);
+});
+
+// Last: it kills the third node for good.
+test("a killed node: the client moves to the next URL with its uid and groups", { timeout: 30000 }, async () => {
+  const [dead, live] = [cluster.ws[2], cluster.ws[0]];
+  const stats = await api(0, "/api/stats");
+  const victim = stats.nodes.find((n) => n.ws_port === Number(new URL(dead).port));
+  assert.ok(victim?.pid, `no node with port ${new URL(dead).port} in ${JSON.stringify(stats)}`);
+  const g = `team-${tag()}`;
+  const [ur, us] = [`r-${tag()}`, `s-${tag()}`];
+  const r = await client([dead, live], { uid: ur });
+  await r.join(g, { presence: true });
+  const s = await client(cluster.ws[1], { uid: us });
+  assert.equal(r.url, dead);
+  const before = { node: r.node, clientId: r.clientId };
+  const reconnected = once(r, "reconnected", 20000);
+  process.kill(victim.pid, "SIGKILL");
+  const welcome = await reconnected;
+  assert.equal(r.state, "open");
+  assert.equal(r.url, live);
+  assert.equal(welcome.node, r.node);
+  assert.notEqual(r.node, before.node);
+  assert.notEqual(r.clientId, before.clientId);
+  assert.equal(r.uid, ur);
+  assert.deepEqual([...r.groups], [[g, true]]);
+  assert.equal(r.reconnects, 1);
+  await s.send(`group:${g}`, "to the team");
+  await s.send(`uid:${ur}`, "to you");
+  await received(r, (f) => f.type === "message" && f.data === "to the team" && f.from?.uid === us);
+  await received(r, (f) => f.type === "message" && f.data === "to you" && f.to === `uid:${ur}`);
+});

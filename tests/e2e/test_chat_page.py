@@ -1,0 +1,147 @@
+"""The chat page as a person uses it: two headless Chromium pages behind nginx, each pinned to
+a different node, chatting privately, in a room, receiving an operator's broadcast, seeing
+the online list change, and surviving the death of the node behind one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import CHROMIUM_ARGS, Nginx, artifacts_dir, chromium_binary
+
+pw = pytest.importorskip("playwright.async_api")
+expect = pw.expect
+
+pytestmark = pytest.mark.timeout(240)
+WAIT = 15_000  # ms: the longest any step may take (a dead node's presence is purged in ~10 s)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    executable = chromium_binary()
+    async with pw.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def open_page(browser: Any, url: str, name: str) -> Any:
+    context = await browser.new_context(viewport={"width": 1000, "height": 700})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    await page.goto(url)
+    await expect(page.locator("#conn-state")).to_have_text("connected", timeout=WAIT)
+    await page.fill("#name", name)
+    await page.click("#login-btn")
+    await expect(page.locator("#me")).to_have_text(name, timeout=WAIT)
+    await expect(page.locator("#login-view")).to_be_hidden()
+    return page
+
+
+async def send(page: Any, text: str) -> None:
+    await page.fill("#text", text)
+    await page.click("#send-btn")
+
+
+async def open_conv(page: Any, key: str) -> None:
+    item = page.locator(f'#convs li[data-conv="{key}"]')
+    await expect(item).to_be_visible(timeout=WAIT)
+    await item.click()
+    await expect(page.locator("#convs li.active")).to_have_attribute("data-conv", key)
+
+
+def messages(page: Any) -> Any:
+    return page.locator("#messages .msg")
+
+
+async def test_chat_across_nodes_behind_nginx(
+    valkey: Any, make_cluster: Any, nginx_factory: Any, browser: Any, unique: str
+) -> None:
+    cluster = make_cluster(valkey.url, 2, ["--node-heartbeat", "0.5", "--node-ttl", "3"])
+    nginx: Nginx = nginx_factory([f"127.0.0.1:{n.port}" for n in cluster.nodes])
+    alice, bob, carol = f"alice{unique}", f"bob{unique}", f"carol{unique}"
+
+    a = await open_page(browser, f"{nginx.url}/n/1/", alice)
+    b = await open_page(browser, f"{nginx.url}/n/2/", bob)
+    # each page shows the node it is pinned to, and offers the others
+    await expect(a.locator("#node")).to_have_text(re.compile("^node0-"))
+    await expect(b.locator("#node")).to_have_text(re.compile("^node1-"))
+    await expect(a.locator("#node-select option")).to_have_count(3, timeout=WAIT)  # any, 1, 2
+
+    # who is online, live, on both pages
+    for page in (a, b):
+        for uid in (alice, bob):
+            await expect(page.locator(f'#online li[data-uid="{uid}"]')).to_be_visible(timeout=WAIT)
+
+    # a private message both ways, across nodes; hostile text stays text
+    await a.click(f'#online li[data-uid="{bob}"]')
+    hostile = '<img src=x onerror="window.pwned=1"><b>hi bob</b>'
+    await send(a, hostile)
+    await expect(messages(a).last).to_contain_text(hostile)
+    await open_conv(b, f"dm:{alice}")
+    await expect(messages(b).last).to_contain_text(hostile, timeout=WAIT)
+    assert await b.locator("#messages img, #messages b").count() == 0
+    assert await b.evaluate("window.pwned") is None
+    await send(b, "hello alice, from node 2")
+    await open_conv(a, f"dm:{bob}")
+    await expect(messages(a).last).to_contain_text("hello alice, from node 2", timeout=WAIT)
+
+    # a room on both nodes
+    room = f"room{unique}"
+    for page in (a, b):
+        await page.fill("#room-name", room)
+        await page.click("#join-btn")
+        active = page.locator("#convs li.active")
+        await expect(active).to_have_attribute("data-conv", f"room:{room}")
+    await send(a, "hello room")
+    await expect(messages(b).filter(has_text="hello room")).to_have_count(1, timeout=WAIT)
+    await expect(messages(a).filter(has_text="hello room")).to_have_count(1, timeout=WAIT)
+
+    # an operator's broadcast reaches both pages as a system message
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "wscluster", "send", "--broker", cluster.redis_url,
+         "--namespace", cluster.namespace, "--to", "all", '{"text": "maintenance at 22:00"}'],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    for page in (a, b):
+        await open_conv(page, "system")
+        await expect(messages(page).filter(has_text="maintenance at 22:00")).to_have_count(1)
+
+    # the online list follows a page that closes
+    c = await open_page(browser, f"{nginx.url}/n/2/", carol)
+    await expect(a.locator(f'#online li[data-uid="{carol}"]')).to_be_visible(timeout=WAIT)
+    await c.context.close()
+    await expect(a.locator(f'#online li[data-uid="{carol}"]')).to_have_count(0, timeout=WAIT)
+
+    for name, page in (("alice-node1", a), ("bob-node2", b)):
+        await page.screenshot(path=str(artifacts_dir() / f"{name}.png"), full_page=True)
+
+    # the node behind bob's page dies: the page falls back to /ws (nginx skips the dead node)
+    cluster.kill(1)
+    await expect(b.locator("#node")).to_have_text(re.compile("^node0-"), timeout=WAIT)
+    await expect(b.locator("#conn-state")).to_have_text("connected", timeout=WAIT)
+    await open_conv(b, f"room:{room}")
+    await send(b, "back after the node died")
+    await open_conv(a, f"room:{room}")
+    back = messages(a).filter(has_text="back after the node died")
+    await expect(back).to_have_count(1, timeout=WAIT)
+    await open_conv(b, f"dm:{alice}")
+    await open_conv(a, f"dm:{bob}")
+    await send(a, "still there?")
+    await expect(messages(b).filter(has_text="still there?")).to_have_count(1, timeout=WAIT)
+    await expect(a.locator(f'#online li[data-uid="{bob}"]')).to_be_visible()
+    await b.screenshot(path=str(artifacts_dir() / "bob-after-failover.png"), full_page=True)
+
+    for page in (a, b):
+        assert page.errors == [], page.errors
