@@ -334,7 +334,8 @@ export class WsclusterClient {
     return new Promise((resolve, reject) => {
       const w = { frame, deadline: Date.now() + this.requestTimeout, resolve, reject, timer: null };
       w.timer = setTimeout(() => {
-        this._waiting.splice(this._waiting.indexOf(w), 1);
+        const at = this._waiting.indexOf(w);
+        if (at >= 0) this._waiting.splice(at, 1);
         reject(new ServerError("timeout", `not connected within ${this.requestTimeout} ms`));
       }, this.requestTimeout);
       this._waiting.push(w);

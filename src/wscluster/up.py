@@ -165,10 +165,15 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         try_it.append(f"    (application {args.app} on every node)")
     elif not (args.jwt_secret or args.jwt_public_key):
         try_it.append('    then type: {"type": "login", "uid": "alice"}')
+    if not (args.jwt_secret or args.jwt_public_key) and args.app is None:
+        pages = [f"http://{args.host}:{args.base_port + i}/" for i in (1, min(2, args.nodes))]
+        lines += ["", f"Chat page: open {pages[0]} and {pages[-1]} in two tabs,",
+                  "  pick two names, and chat across nodes."]  # fmt: skip
     lines += [
         "",
         "Try it:",
         *try_it,
+        f"  {cli} send --broker {broker}{ns} --to all '{{\"text\": \"system message\"}}'",
         f"  {cli} send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
         f"  {cli} status --broker {broker}{ns}",
         "",

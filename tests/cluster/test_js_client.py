@@ -38,6 +38,8 @@ def test_js_client_node_tests(valkey: EmbeddedRedis, make_cluster: MakeCluster) 
     assert node is not None
     if _node_major(node) < 20:
         skip_or_fail("the JavaScript client's tests need node >= 20")
+    tests = sorted(str(p.relative_to(JS_DIR)) for p in JS_DIR.glob("test/*.test.js"))
+    assert len(tests) >= 2, tests  # unit and integration
     cluster = make_cluster(valkey.url, 3)
     env = {
         **os.environ,
@@ -45,7 +47,7 @@ def test_js_client_node_tests(valkey: EmbeddedRedis, make_cluster: MakeCluster) 
     }
     try:
         done = subprocess.run(
-            [node, "--experimental-websocket", "--test", "test/"],
+            [node, "--experimental-websocket", "--test", *tests],
             cwd=JS_DIR, env=env, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
@@ -57,3 +59,7 @@ def test_js_client_node_tests(valkey: EmbeddedRedis, make_cluster: MakeCluster) 
             f"--- stderr ---\n{done.stderr}\n{logs}"
         )
     assert "# fail 0" in done.stdout
+    lines = done.stdout.splitlines()
+    passed = [int(line.split()[-1]) for line in lines if line.startswith("# pass ")]
+    assert passed and passed[0] >= 30, done.stdout[-2000:]  # every test ran, none was skipped
+    assert "# skipped 0" in done.stdout

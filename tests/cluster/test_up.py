@@ -75,7 +75,10 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
         banner = await _banner(proc)
         urls = re.findall(r"ws://127\.0\.0\.1:\d+/ws", banner)
         assert urls[:2] == [f"ws://127.0.0.1:{base + 1}/ws", f"ws://127.0.0.1:{base + 2}/ws"]
-        send_line = re.search(r"^ +(\S*wscluster send .*)$", banner, re.M)
+        send_line = re.search(r"^ +(\S*wscluster send .*--to uid:alice.*)$", banner, re.M)
+        assert re.search(r"wscluster send .*--to all ", banner)
+        page = f"http://127.0.0.1:{base + 1}/"
+        assert f"Chat page: open {page} and http://127.0.0.1:{base + 2}/" in banner
         assert send_line is not None and re.search(r"wscluster status --broker", banner)
         a = await WS.open(urls[0], "alice")
         b = await WS.open(urls[1], "bob")

@@ -103,7 +103,9 @@ function open(c) {
 async function roomInfo(c) {
   try {
     const ack = await client.presence("group:" + c.name);
-    if (current === c) $("conv-info").textContent = `${ack.uids.length} people, ${ack.count} connections`;
+    const people = ack.uids.length === 1 ? "1 person" : `${ack.uids.length} people`;
+    const conns = ack.count === 1 ? "1 connection" : `${ack.count} connections`;
+    if (current === c) $("conv-info").textContent = `${people}, ${conns}`;
   } catch { /* not important */ }
 }
 
@@ -188,12 +190,11 @@ client.on("message", (f) => {
 });
 
 client.on("presence", (f) => {
-  if (f.group === LOBBY) refreshOnline(300);
-  if (f.group === LOBBY || !f.uid) return;
   const c = convs.get("room:" + f.group);
-  if (c) {
+  if (c === current) setTimeout(() => roomInfo(c), 300);
+  if (f.group === LOBBY) refreshOnline(300);
+  else if (c && f.uid) {
     add(c, { kind: "note", text: `${f.uid} ${f.event === "join" ? "joined" : "left"} the room` });
-    if (c === current) roomInfo(c);
   }
 });
 
