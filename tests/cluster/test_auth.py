@@ -630,7 +630,11 @@ async def test_rate_limit_abuse_closes_1008(nodes: Nodes) -> None:
     assert ws.conn.close_code == 1008, (ws.conn.close_code, counts, sent)
     assert ws.conn.close_reason == "too many bad frames"
     assert counts["other"] == 0
-    assert 10 <= counts["ack"] <= 40, counts
+    # The burst's frames are processed (each `leave` is acked after its presence barrier; on a
+    # loaded machine the abuse close can come first and those acks are never written) and
+    # nothing beyond burst + refill is: that admitted frames really are acked is checked by
+    # test_rate_limit.
+    assert counts["ack"] <= 40, counts
     assert counts["rate_limited"] >= 1000, counts
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def get(url: str) -> tuple[int, str, bytes]:
+    status, headers, body = get_full(url)
+    return status, headers.get("Content-Type", ""), body
+
+
+def get_full(url: str) -> tuple[int, Message, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.headers.get("Content-Type", ""), err.read()
+        return err.code, err.headers, err.read()
 
 
 @pytest.mark.parametrize(
@@ -38,6 +44,17 @@ def test_page_files(cluster: Cluster, path: str, ctype: str, source: str) -> Non
     assert status == 200
     assert got_type.startswith(ctype)
     assert body == (ROOT / source).read_bytes()  # the page's client is the published one
+
+
+def test_page_is_locked_down(cluster: Cluster) -> None:
+    """Defence in depth: even if text from another user were ever parsed as HTML, the
+    browser would run no script but the page's own files, and nothing could frame it."""
+    status, headers, _ = get_full(cluster.nodes[0].http_url + "/")
+    assert status == 200
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_unknown_paths_are_404(cluster: Cluster) -> None:

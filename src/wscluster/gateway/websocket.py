@@ -169,8 +169,21 @@ def _refuse(node: Node, status: int, reason: str) -> WSUpgradeResponseWithListen
     return _plain(status, body, "application/json")
 
 
+# Every plain response: the page runs only its own files (so even an escaping bug could not
+# run a script from a message), may talk only to its own origin, and is never framed.
+_SAFE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
+}
+
+
 def _plain(status: int, body: bytes, content_type: str) -> WSUpgradeResponseWithListener:
-    headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+    headers = {"Content-Type": content_type, **_SAFE_HEADERS}
     if status == 200:
         response = WSUpgradeResponse.create_ok_response(body, headers)
     else:
