@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upstream", action="extend", type=_checked(nginx.parse_upstreams),
                    default=None, metavar="HOST:PORT",
                    help="a node's public port; once per node, in order (required)")  # fmt: skip
-    _add(g, "listen", "80", _checked(nginx.parse_listen), help="PORT or ADDRESS:PORT")
+    g.add_argument("--listen", action="extend", type=_checked(nginx.parse_listens),
+                   default=None, metavar="[ADDRESS:]PORT",
+                   help="PORT or ADDRESS:PORT, e.g. [::]:80; repeatable (default: 80)")  # fmt: skip
     _add(g, "server-name", "_")
     _add(g, "ping-interval", 25.0, float, help="the nodes' --ping-interval (sets the timeouts)")
     _add(g, "limit-conn", 0, int, help="WebSocket connections per client IP (0: no limit)")
@@ -239,8 +241,11 @@ def cmd_nginx_conf(args: argparse.Namespace) -> int:
             if not env:
                 raise ValueError("--upstream HOST:PORT is required (once per node)")
             upstreams = nginx.parse_upstreams(env)
+        listen = args.listen
+        if listen is None:
+            listen = nginx.parse_listens(_env("listen", "80"))
         options = nginx.NginxOptions(
-            tuple(upstreams), listen=args.listen, server_name=args.server_name,
+            tuple(upstreams), listen=tuple(listen), server_name=args.server_name,
             ping_interval=args.ping_interval, limit_conn=args.limit_conn,
             standalone=args.standalone,
         )  # fmt: skip

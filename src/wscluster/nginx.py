@@ -7,6 +7,7 @@ front"); the text itself says it in comments too.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -16,7 +17,25 @@ UPSTREAM = "wscluster"  # the upstream group's name (and the prefix of every nam
 CONNECTION_VAR = "$wscluster_connection_upgrade"  # prefixed: conf.d may define its own map
 CONN_ZONE = "wscluster_conn"
 
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")  # name, IPv4 or [IPv6]
+# Failure accounting of the upstream group (see _upstream): a node that fails once (refuses
+# or times out the connection, or answers 503 because it is full or draining) rests
+# FAIL_TIMEOUT seconds, then one request tries it again.
+MAX_FAILS = 1
+FAIL_TIMEOUT = 5
+# --standalone: each proxied WebSocket holds two connections (client and node), and a worker
+# needs a file descriptor for each, plus a few for its logs and listening sockets.
+WORKER_CONNECTIONS = 16384
+WORKER_RLIMIT_NOFILE = WORKER_CONNECTIONS + 1024
+# --standalone: after `nginx -s reload` or `-s quit`, an old worker still holding
+# WebSockets closes them after this long (without it, a quit never ends while a client stays).
+WORKER_SHUTDOWN_TIMEOUT = 10
+# nginx reads a configuration in 4096-byte buffers: no word (a quoted string, a comment line)
+# may be longer. Long texts are cut below this.
+MAX_WORD = 2000
+ZONE_KB_PER_NODE = 4  # the upstream zone: about 1 KiB per server, a node is two (backup)
+NODES_VAR = "$wscluster_nodes"
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")  # a host name
 _SERVER_NAME = re.compile(r"^[^\s;{}'\"\\$#]+$")
 
 
@@ -32,7 +51,7 @@ class Upstream:
 @dataclass(frozen=True)
 class NginxOptions:
     upstreams: tuple[Upstream, ...]
-    listen: str = "80"
+    listen: tuple[str, ...] = ("80",)  # one `listen` each: "80", "127.0.0.1:8080", "[::]:80"
     server_name: str = "_"
     ping_interval: float = 25.0  # the nodes' --ping-interval, seconds
     limit_conn: int = 0  # concurrent WebSocket (and pinned) requests per client IP; 0: off
@@ -41,7 +60,12 @@ class NginxOptions:
     def __post_init__(self) -> None:
         if not self.upstreams:
             raise ValueError("at least one --upstream HOST:PORT is needed")
-        parse_listen(self.listen)
+        if isinstance(self.listen, str):  # one address, not its characters
+            object.__setattr__(self, "listen", (self.listen,))
+        if not self.listen:
+            raise ValueError("at least one --listen is needed")
+        for listen in self.listen:
+            parse_listen(listen)
         names = self.server_name.split()
         if not names or not all(_SERVER_NAME.match(n) for n in names):
             raise ValueError(f"bad --server-name {self.server_name!r}")
@@ -63,13 +87,38 @@ def _port(text: str, what: str) -> int:
     return int(text)
 
 
+def _host(host: str) -> str:
+    """A host name, an IPv4 address or a bracketed IPv6 address, as nginx writes it; ValueError
+    otherwise (an unbracketed IPv6 address cannot be told from its port)."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {host!r}") from None
+        if address.scope_id:  # nginx has no `%zone` syntax
+            raise ValueError(f"bad IPv6 address {host!r}: nginx takes no %zone")
+        return f"[{address.compressed}]"
+    if ":" in host:
+        raise ValueError(f"bad host {host!r} (write an IPv6 address in brackets: [::1]:8001)")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(f"bad IPv4 address {host!r}") from None
+    if not _NAME.match(host):
+        raise ValueError(f"bad host {host!r}")
+    return host
+
+
 def parse_upstream(text: str) -> Upstream:
     """``HOST:PORT`` (``[::1]:8001`` for IPv6) -> Upstream; ValueError when malformed."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
         raise ValueError(f"upstream {text!r}: expected HOST:PORT")
-    if not _HOST.match(host):
-        raise ValueError(f"upstream {text!r}: bad host {host!r}")
+    try:
+        host = _host(host)
+    except ValueError as exc:
+        raise ValueError(f"upstream {text!r}: {exc}") from None
     return Upstream(host, _port(port, f"upstream {text!r}"))
 
 
@@ -80,9 +129,18 @@ def parse_upstreams(text: str) -> list[Upstream]:
 
 def parse_listen(text: str) -> str:
     """``PORT`` or ``ADDRESS:PORT`` -> the argument of nginx's ``listen``."""
+    text = text.strip()
     if text.isdigit():
         return str(_port(text, f"listen {text!r}"))
-    return str(parse_upstream(text))
+    try:
+        return str(parse_upstream(text))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("upstream", "listen", 1)) from None
+
+
+def parse_listens(text: str) -> list[str]:
+    """Comma-separated ``--listen`` values (how WSCLUSTER_LISTEN carries several)."""
+    return [parse_listen(part) for part in text.split(",")]
 
 
 def node_paths(n: int) -> list[str]:
@@ -98,10 +156,15 @@ def nodes_json(n: int) -> str:
 
 def command_line(o: NginxOptions) -> str:
     """The ``wscluster nginx-conf`` command that makes this text (for its header)."""
+    return " ".join(_command(o))
+
+
+def _command(o: NginxOptions) -> list[str]:
+    """The command, an option and its value at a time."""
     parts = ["wscluster nginx-conf", *(f"--upstream {u}" for u in o.upstreams)]
     defaults = NginxOptions(o.upstreams)
     if o.listen != defaults.listen:
-        parts.append(f"--listen {o.listen}")
+        parts += [f"--listen {listen}" for listen in o.listen]
     if o.server_name != defaults.server_name:
         parts.append(f"--server-name '{o.server_name}'")
     if o.ping_interval != defaults.ping_interval:
@@ -110,7 +173,20 @@ def command_line(o: NginxOptions) -> str:
         parts.append(f"--limit-conn {o.limit_conn}")
     if o.standalone:
         parts.append("--standalone")
-    return " ".join(parts)
+    return parts
+
+
+def _wrapped(first: str, parts: list[str], width: int = 92) -> list[str]:
+    """A command as comment lines of about ``width`` characters, continued with ``\\`` (nginx
+    refuses a line longer than its buffer, even in a comment)."""
+    lines, line = [], f"# {first}{parts[0]}"
+    for part in parts[1:]:
+        if len(line) + 1 + len(part) > width:
+            lines.append(line + " \\")
+            line = "#     " + part
+        else:
+            line += " " + part
+    return [*lines, line]
 
 
 def _header(o: NginxOptions) -> list[str]:
@@ -118,7 +194,7 @@ def _header(o: NginxOptions) -> list[str]:
     lines = [
         f"# nginx in front of {n} wscluster node{'s' if n > 1 else ''}: WebSocket clients at /ws,",
         "# the chat page at /, node <i> pinned under /n/<i>/ (i in --upstream order).",
-        f"# Generated by: {command_line(o)}",
+        *_wrapped("Generated by: ", _command(o)),
         "#",
     ]
     if o.standalone:
@@ -130,13 +206,20 @@ def _header(o: NginxOptions) -> list[str]:
             "#   nginx -p DIR -c DIR/nginx.conf        # start (-g 'daemon off;': foreground;",
             "#                                         # -e DIR/error.log: no built-in log path)",
             "#   nginx -p DIR -c DIR/nginx.conf -s reload    (or -s quit)",
+            "# As a user other than root: a --listen port above 1023, and a hard open-file limit",
+            f"# (ulimit -Hn) of at least {WORKER_RLIMIT_NOFILE} for worker_rlimit_nofile below.",
         ]
     else:
         lines += [
             "# A conf.d snippet, for inside the http {} block of the distribution's nginx.conf:",
             "#   wscluster nginx-conf ... > /etc/nginx/conf.d/wscluster.conf",
             "#   nginx -t && systemctl reload nginx",
-            "# (`--standalone` prints a complete nginx.conf instead.)",
+            "# (`--standalone` prints a complete nginx.conf instead.) Outside http {}, in",
+            "# /etc/nginx/nginx.conf, a snippet cannot set what many WebSockets need (each holds",
+            "# two connections: Debian's worker_connections 768 is about 380 clients per worker):",
+            f"#   worker_rlimit_nofile {WORKER_RLIMIT_NOFILE};"
+            f"  worker_shutdown_timeout {WORKER_SHUTDOWN_TIMEOUT}s;    (top level)",
+            f"#   events {{ worker_connections {WORKER_CONNECTIONS}; }}",
         ]
     lines += [
         "#",
@@ -180,13 +263,14 @@ def _location(match: str, body: list[str], comment: str | None = None) -> list[s
 
 def _server(o: NginxOptions) -> list[str]:
     n = len(o.upstreams)
+    # no proxy_next_upstream_tries: every server of the group at most once (a name that
+    # resolves to several addresses is several servers), the backups included
     balance = [
         f"proxy_pass http://{UPSTREAM};",
         "proxy_next_upstream error timeout http_503;",
-        f"proxy_next_upstream_tries {n};",
     ]
     body: list[str] = [
-        f"listen {parse_listen(o.listen)};",
+        *(f"listen {parse_listen(listen)};" for listen in o.listen),
         f"server_name {o.server_name};",
         "server_tokens off;",
         "client_max_body_size 1k;  # the public port serves only GETs and the WebSocket",
@@ -215,13 +299,33 @@ def _server(o: NginxOptions) -> list[str]:
     body += _location(
         "= /nodes.json",
         ["default_type application/json;", 'add_header Cache-Control "no-store";',
-         f"return 200 '{nodes_json(n)}';"],
+         *_return_200(nodes_json(n))],
         "the page's node chooser, answered by nginx (no upstream address in it)",
     )  # fmt: skip
     body.append("")
     body += _location("/api/", ["return 404;"], "the API port is never exposed")
     body += _location("= /metrics", ["return 404;"])
     return ["server {", *(f"    {line}" if line else "" for line in body), "}"]
+
+
+def _return_200(body: str) -> list[str]:
+    """``return 200 '<body>';``, or for a body longer than an nginx word can be, the body
+    built up in a variable by pieces (``set``), then returned."""
+    if len(body) <= MAX_WORD:
+        return [f"return 200 '{body}';"]
+    assert "'" not in body and "$" not in body and "\\" not in body
+    pieces = [""]
+    for item in re.split(r"(?<=\}, )", body):  # whole entries of the list where possible
+        if pieces[-1] and len(pieces[-1]) + len(item) > MAX_WORD:
+            pieces.append("")
+        pieces[-1] += item
+    assert all(len(piece) <= 2 * MAX_WORD for piece in pieces)
+    name = NODES_VAR[1:]
+    return [
+        f"set {NODES_VAR} '{pieces[0]}';",
+        *(f"set {NODES_VAR} '${{{name}}}{piece}';" for piece in pieces[1:]),
+        f"return 200 {NODES_VAR};",
+    ]
 
 
 def _http(o: NginxOptions) -> list[str]:
@@ -235,16 +339,31 @@ def _http(o: NginxOptions) -> list[str]:
     ]
     if o.limit_conn:
         lines += [f"limit_conn_zone $binary_remote_addr zone={CONN_ZONE}:10m;", ""]
-    lines += [
-        f"upstream {UPSTREAM} {{",
-        f"    zone {UPSTREAM} 64k;  # connection counts and failures shared by all workers",
-        "    least_conn;  # WebSockets are long-lived: fewest open connections wins",
-        *(f"    server {u} max_fails=3 fail_timeout=10s;" for u in o.upstreams),
-        "}",
-        "",
-        *_server(o),
-    ]
+    lines += [*_upstream(o), "", *_server(o)]
     return lines
+
+
+def _upstream(o: NginxOptions) -> list[str]:
+    lines = [
+        f"upstream {UPSTREAM} {{",
+        f"    zone {UPSTREAM} {max(64, ZONE_KB_PER_NODE * len(o.upstreams))}k;"
+        "  # connection counts and failures shared by all workers",
+        "    least_conn;  # WebSockets are long-lived: fewest open connections wins",
+    ]
+    if len(o.upstreams) == 1:  # nginx never rests the only server of a group
+        return [*lines, f"    server {o.upstreams[0]};", "}"]
+    rest = f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT}s"
+    return [
+        *lines,
+        "    # a node that refuses or times out the connection, or answers 503 (full or",
+        f"    # draining), rests {FAIL_TIMEOUT} s; then one request tries it again (so a node",
+        f"    # back from a restart gets clients within {FAIL_TIMEOUT} s)",
+        *(f"    server {u} {rest};" for u in o.upstreams),
+        "    # the same nodes, tried only while every node above rests: without them nginx would",
+        "    # answer 502 then, even once a node is back (e.g. during a rolling restart)",
+        *(f"    server {u} backup max_fails=0;" for u in o.upstreams),
+        "}",
+    ]
 
 
 def render(o: NginxOptions) -> str:
@@ -257,9 +376,12 @@ def render(o: NginxOptions) -> str:
             "worker_processes auto;",
             "pid nginx.pid;",
             "error_log error.log warn;",
+            f"worker_rlimit_nofile {WORKER_RLIMIT_NOFILE};  # one per connection, and some spare",
+            f"worker_shutdown_timeout {WORKER_SHUTDOWN_TIMEOUT}s;"
+            "  # after reload/quit, old workers drop their WebSockets",
             "",
             "events {",
-            "    worker_connections 4096;  # each proxied WebSocket holds two",
+            f"    worker_connections {WORKER_CONNECTIONS};  # each proxied WebSocket holds two",
             "}",
             "",
             "http {",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from wscluster import nginx
 from wscluster.cli import main
 from wscluster.nginx import NginxOptions, parse_upstream, render
 
@@ -60,7 +61,7 @@ def parse(text: str) -> D:
     pos = 0
     while pos < len(text):
         m = _TOKEN.match(text, pos)
-        assert m, f"cannot tokenize at {text[pos:pos + 40]!r}"
+        assert m, f"cannot tokenize at {text[pos : pos + 40]!r}"
         pos = m.end()
         single, double, punct, word = m.groups()
         if single is not None or double is not None:
@@ -126,15 +127,11 @@ def test_requirements(n: int, standalone: bool) -> None:
     conn_var = m.args[1]
     assert m.has("default", "upgrade") and m.has("", "close")
 
-    # one group, every node in order, no stickiness, sane failure accounting
+    # one group, every node in order, no stickiness, short rests (see test_failure_accounting)
     group = http.one("upstream")
     assert group.args == ["wscluster"]
-    servers = group.all("server")
+    servers = [s for s in group.all("server") if "backup" not in s.args]
     assert [s.args[0] for s in servers] == upstreams
-    for s in servers:
-        opts = dict(a.split("=", 1) for a in s.args[1:])
-        assert 1 <= int(opts["max_fails"]) <= 5
-        assert opts["fail_timeout"].endswith("s") and 1 <= int(opts["fail_timeout"][:-1]) <= 60
     names = {d.name for d in group.walk()}
     assert not names & {"ip_hash", "hash", "sticky", "random"}
     assert "least_conn" in names
@@ -158,12 +155,13 @@ def test_requirements(n: int, standalone: bool) -> None:
             (value,) = loc.one(name).args
             assert value.endswith("s") and int(value[:-1]) >= max(60, 3 * 25), (name, value)
 
-    # /ws and the rest: the group, the next node on error, timeout or 503, each node once
+    # /ws and the rest: the group, the next node on error, timeout or 503, every server of
+    # the group at most once (no proxy_next_upstream_tries: it would stop before the backups)
     for match in ("= /ws", "/"):
         loc = locs[match]
         assert loc.one("proxy_pass").args == ["http://wscluster"]
         assert set(loc.one("proxy_next_upstream").args) == {"error", "timeout", "http_503"}
-        assert loc.one("proxy_next_upstream_tries").args == [str(n)]
+        assert not loc.all("proxy_next_upstream_tries")
     assert locs["= /ws"].has("proxy_buffering", "off")
 
     # /n/<i>/: node i itself, prefix stripped (the trailing /), never another node
@@ -197,6 +195,24 @@ def test_requirements(n: int, standalone: bool) -> None:
     assert not [d for d in server.walk() if d.name.startswith("limit_conn")]
 
 
+def test_failure_accounting() -> None:
+    """A failed node (refused, timed out, or 503: full or draining) rests a few seconds only,
+    so a restarted node gets clients soon; and the same nodes as backups without failure
+    accounting, so nginx never answers 502 "no live upstreams" while a node could serve
+    (without them: a 2-node rolling restart was 8 s of 502, test_rolling_restart_...)."""
+    _, http, _ = conf(3)
+    servers = http.one("upstream").all("server")
+    addrs = [f"127.0.0.1:{p}" for p in PORTS]
+    assert [(s.args[0], s.args[1:]) for s in servers] == [
+        *((a, ["max_fails=1", "fail_timeout=5s"]) for a in addrs),
+        *((a, ["backup", "max_fails=0"]) for a in addrs),
+    ]
+    assert (nginx.MAX_FAILS, nginx.FAIL_TIMEOUT) == (1, 5)  # the docs say 5 s
+    # one node: nginx never rests the only server of a group, and a backup would be itself
+    _, http, _ = conf(1)
+    assert [s.args for s in http.one("upstream").all("server")] == [["127.0.0.1:8001"]]
+
+
 def test_standalone_is_complete_and_relative() -> None:
     _, http, _ = conf(2, standalone=True)
     root = parse(render(NginxOptions((parse_upstream("a:1"),), standalone=True)))
@@ -213,9 +229,60 @@ def test_standalone_is_complete_and_relative() -> None:
         assert not path.startswith("/"), path  # relative to nginx -p DIR
 
 
+def test_standalone_holds_many_websockets_and_ends() -> None:
+    """Each proxied WebSocket is two connections and two descriptors in a worker: the
+    default 512 connections (or a 1024 open-file limit, as for most users) capped nginx at
+    a few hundred clients. And a graceful quit or reload must not wait forever for the
+    WebSockets an old worker holds (tests/cluster/test_nginx.py runs both)."""
+    root = parse(render(NginxOptions((parse_upstream("a:1"),), standalone=True)))
+    conns = int(root.one("events").one("worker_connections").args[0])
+    assert conns >= 16384
+    assert int(root.one("worker_rlimit_nofile").args[0]) >= conns + 100
+    assert root.one("worker_shutdown_timeout").args == ["10s"]
+
+
 def test_snippet_is_http_content_only() -> None:
-    root = parse(render(NginxOptions((parse_upstream("a:1"),))))
+    text = render(NginxOptions((parse_upstream("a:1"),)))
+    root = parse(text)
     assert {d.name for d in root.block or []} == {"map", "upstream", "server"}
+    # what it cannot set itself, its header tells (for the distribution's nginx.conf)
+    head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for advice in (f"worker_rlimit_nofile {nginx.WORKER_RLIMIT_NOFILE};",
+                   f"worker_shutdown_timeout {nginx.WORKER_SHUTDOWN_TIMEOUT}s;",
+                   f"worker_connections {nginx.WORKER_CONNECTIONS};"):  # fmt: skip
+        assert advice in head, advice
+
+
+@pytest.mark.parametrize("standalone", [False, True])
+def test_many_nodes(standalone: bool) -> None:
+    """400 nodes: nginx reads its configuration in 4096-byte buffers and refuses a longer word
+    (the header's command, a comment, and /nodes.json's body failed from about 105 nodes),
+    and the upstream zone must hold every server (64k failed from about 65 servers, 32 nodes
+    with their backups: "ngx_slab_alloc() failed: no memory in upstream zone").
+    tests/cluster/test_nginx.py runs such a configuration."""
+    n = 400
+    ups = tuple(parse_upstream(f"10.0.{i // 200}.{i % 200 + 1}:8001") for i in range(n))
+    o = NginxOptions(ups, server_name="a.example.com b.example.com", standalone=standalone)
+    text = render(o)
+    assert max(len(line) for line in text.splitlines()) < 2500
+    root = parse(text)
+    http = root.one("http") if standalone else root
+    zone = http.one("upstream").one("zone").args
+    assert zone[0] == "wscluster" and int(zone[1].removesuffix("k")) >= 4 * n
+    # the command in the header, wrapped with `\`, is the command
+    head = []
+    for line in text.splitlines():
+        if line.startswith("# Generated by: ") or (head and head[-1].endswith("\\")):
+            head.append(line.removeprefix("# Generated by: ").lstrip("# ").rstrip())
+    assert " ".join(h.removesuffix(" \\") for h in head) == nginx.command_line(o)
+    # /nodes.json: the body built up in a variable, then returned
+    loc = locations(http.one("server"))["= /nodes.json"]
+    sets = loc.all("set")
+    assert len(sets) > 1 and loc.one("return").args == ["200", "$wscluster_nodes"]
+    body = sets[0].args[1] + "".join(d.args[1].removeprefix("${wscluster_nodes}") for d in sets[1:])
+    assert body == nginx.nodes_json(n)
+    assert all(d.args[0] == "$wscluster_nodes" for d in sets)
+    assert all(d.args[1].startswith("${wscluster_nodes}{") for d in sets[1:])
 
 
 def test_timeouts_follow_the_ping_interval() -> None:
@@ -240,12 +307,36 @@ def test_limit_conn() -> None:
 
 @pytest.mark.parametrize(
     ("listen", "expected"),
-    [("8080", "8080"), ("127.0.0.1:8080", "127.0.0.1:8080"), ("[::]:443", "[::]:443")],
-)
+    [("8080", "8080"), ("127.0.0.1:8080", "127.0.0.1:8080"), ("[::]:443", "[::]:443"),
+     ("[0:0::1]:8080", "[::1]:8080"), ("localhost:8080", "localhost:8080")],
+)  # fmt: skip
 def test_listen_forms(listen: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nginx-conf", "--upstream", "127.0.0.1:8001", "--listen", listen]) == 0
     server = parse(capsys.readouterr().out).one("server")
     assert server.one("listen").args == [expected]
+
+
+def test_listen_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    """IPv4 and IPv6 both: nginx's `listen [::]:80` is IPv6 only (ipv6only=on)."""
+    args = ["nginx-conf", "--upstream", "127.0.0.1:8001", "--listen", "80", "--listen", "[::]:80"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert [d.args for d in parse(text).one("server").all("listen")] == [["80"], ["[::]:80"]]
+    assert "--listen 80 --listen [::]:80" in text.splitlines()[2]  # the command in the header
+    done = cli("--upstream", "127.0.0.1:8001", env={"WSCLUSTER_LISTEN": "80,[::]:80"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == text
+    # in Python, one address may be a plain string (not read as its characters)
+    assert NginxOptions((parse_upstream("a:1"),), listen="8080").listen == ("8080",)  # type: ignore[arg-type]
+
+
+def test_ipv6_upstreams() -> None:
+    ups = (parse_upstream("[::1]:8001"), parse_upstream("[2001:DB8::0001]:8002"))
+    assert [str(u) for u in ups] == ["[::1]:8001", "[2001:db8::1]:8002"]
+    server = parse(render(NginxOptions(ups))).one("server")
+    locs = locations(server)
+    assert locs["/n/1/"].one("proxy_pass").args == ["http://[::1]:8001/"]
+    assert locs["/n/2/"].one("proxy_pass").args == ["http://[2001:db8::1]:8002/"]
 
 
 def test_cli_prints_the_config() -> None:
@@ -279,6 +370,16 @@ def test_cli_prints_the_config() -> None:
         ["--upstream", "bad host:8001"],
         ["--upstream", "h;evil:8001"],
         ["--upstream", "127.0.0.1:8001,"],
+        ["--upstream", "::1:8001"],  # IPv6 without brackets
+        ["--upstream", "[::1]"],
+        ["--upstream", "[1:2]:8001"],  # not an IPv6 address
+        ["--upstream", "[:]:8001"],
+        ["--upstream", "[fe80::1%eth0]:8001"],
+        ["--upstream", "[::1]]:8001"],
+        ["--upstream", "999.0.0.1:8001"],
+        ["--upstream", "a..b:8001"],
+        ["--upstream", "127.0.0.1:8001", "--listen", "[::]"],
+        ["--upstream", "127.0.0.1:8001", "--listen", "[1:2]:80"],
         ["--upstream", "127.0.0.1:8001", "--listen", "0"],
         ["--upstream", "127.0.0.1:8001", "--listen", "127.0.0.1:99999"],
         ["--upstream", "127.0.0.1:8001", "--listen", "eighty"],
