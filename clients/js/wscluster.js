@@ -7,6 +7,8 @@ export const TERMINAL_CLOSE_CODES = Object.freeze([1008, 4001]);
 export const MAX_WAITING = 1000;
 /** Upper bound on a 1012 close reason's `retry_ms` hint. */
 export const MAX_RETRY_HINT_MS = 60000;
+/** A session that lasted this long (ms) before it dropped restarts the backoff from its base. */
+export const STABLE_SESSION_MS = 5000;
 /** Error codes that make a session restore start over on a new link (others end the client). */
 const TRANSIENT = ["timeout", "unavailable", "rate_limited"];
 
@@ -15,10 +17,7 @@ export class ServerError extends Error {
   /** @param {string} code @param {string} message @param {object|null} [frame] */
   constructor(code, message, frame = null) {
     super(`${code}: ${message}`);
-    this.name = "ServerError";
-    this.code = code;
-    this.frame = frame;
-    this.id = frame ? frame.id : null;
+    Object.assign(this, { name: "ServerError", code, frame, id: frame ? frame.id : null });
   }
 }
 
@@ -28,17 +27,12 @@ export class ConnectionClosed extends Error {
   constructor(code, reason = "", options = undefined) {
     const what = code == null ? "connection closed" : `connection closed (code ${code})`;
     super(reason ? `${what}: ${reason}` : what, options);
-    this.name = "ConnectionClosed";
-    this.code = code;
-    this.reason = reason;
+    Object.assign(this, { name: "ConnectionClosed", code, reason });
   }
 }
 
-/**
- * Capped exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)).
- * @param {number} attempt 0 for the first retry @param {number} base ms @param {number} cap ms
- * @param {() => number} [random] @returns {number} ms
- */
+/** Capped exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)) ms.
+ * @param {number} attempt 0 for the first retry @param {number} base @param {number} cap @param {() => number} [random] */
 export function backoffDelay(attempt, base, cap, random = Math.random) {
   return random() * Math.min(cap, base * 2 ** Math.min(Math.max(attempt, 0), 32));
 }
@@ -63,8 +57,7 @@ export function retryHint(reason) {
 export class WsclusterClient {
   /** @param {string|string[]} urls @param {Options} [options] */
   constructor(urls, options = {}) {
-    this.urls = Array.isArray(urls) ? [...urls] : [urls];
-    if (!this.urls.length) throw new TypeError("at least one URL is needed");
+    this.urls = urls;
     const o = options;
     this.WebSocket = o.WebSocket ?? globalThis.WebSocket;
     if (typeof this.WebSocket !== "function") {
@@ -82,24 +75,33 @@ export class WsclusterClient {
     /** @type {string|null} */ this.node = null;
     /** @type {string|null} */ this.uid = null;
     /** @type {Frame|null} the last welcome frame */ this.welcome = null;
-    this.url = this.urls[0];
+    this.url = this._urls[0];
     this.reconnects = 0;
     /** @type {Frame|null} the login frame replayed after each welcome */
     this._login = o.uid != null ? { type: "login", uid: o.uid } : o.token != null ? { type: "login", token: o.token } : null;
     /** @type {Map<string, boolean>} */ this._groups = new Map();
+    this._ops = new Map();    // "login" or "group:<name>" -> {applied, inflight}; _opSeq numbers them
+    this._opSeq = 0;
     this._listeners = new Map();
     this._waiting = [];       // requests made while not open: {frame, deadline, resolve, reject, timer}
     this._openWaiters = [];   // connect() callers: {resolve, reject}
     this._link = null;        // {ws, pending: Map<id, entry>, welcome, timer, login, restored}
     this._lastId = 0;
-    this._failures = 0;       // consecutive attempts without a welcome (URL index, retry cap)
-    this._backoffAttempt = 0; // reset once a session is restored
+    this._failures = 0;       // consecutive attempts without a restored session (URL index, retry cap)
+    this._backoffAttempt = 0; // reset when a session that lasted STABLE_SESSION_MS drops
     this._wasOpen = false;
     this._retryTimer = null;
     this._finished = null;    // the ConnectionClosed that ended the client
   }
 
   /** @returns {State} */ get state() { return this._state; }
+  /** The URLs to try (a copy). Assigning a URL or a list takes effect at the next attempt. */
+  get urls() { return [...this._urls]; }
+  set urls(urls) {
+    const list = (Array.isArray(urls) ? urls : [urls]).map(String);
+    if (!list.length) throw new TypeError("at least one URL is needed");
+    this._urls = list;
+  }
   /** Joined groups (name -> presence flag), a copy. */ get groups() { return new Map(this._groups); }
 
   // -- events ---------------------------------------------------------------------------
@@ -153,8 +155,9 @@ export class WsclusterClient {
 
   _attempt() {
     this._retryTimer = null;
-    this.url = this.urls[this._failures % this.urls.length];
-    const link = { ws: null, pending: new Map(), welcome: null, timer: null, login: null, restored: false };
+    if (this._finished) return;
+    this.url = this._urls[this._failures % this._urls.length];
+    const link = { ws: null, pending: new Map(), welcome: null, timer: null, login: null, restored: false, restoredAt: 0 };
     this._link = link;
     link.timer = setTimeout(() => this._abandon(link, "no welcome in time"), Math.min(this.requestTimeout, 10000));
     try {
@@ -178,12 +181,12 @@ export class WsclusterClient {
   _dropped(link, code, reason) {
     if (link !== this._link) return;
     this._detach(link, () => new ConnectionClosed(code, reason));
-    let delayMs = null;
-    let fatal = null;
+    let delayMs = null, fatal = null;
     if (!link.restored) this._failures += 1; // no welcome, or the session setup failed on it
+    else if (Date.now() - link.restoredAt >= STABLE_SESSION_MS) this._backoffAttempt = 0;
     if (TERMINAL_CLOSE_CODES.includes(code) || !this.reconnect) fatal = new ConnectionClosed(code, reason);
     else if (this._failures > this.maxHandshakeRetries) {
-      fatal = new ConnectionClosed(code, `gave up after ${this._failures} attempts without a welcome${reason ? ` (${reason})` : ""}`);
+      fatal = new ConnectionClosed(code, `gave up after ${this._failures} attempts without a session${reason ? ` (${reason})` : ""}`);
     } else {
       const hint = code === 1012 ? retryHint(reason) : null;
       delayMs = backoffDelay(this._backoffAttempt++, this.backoffBase, this.backoffCap) + (hint ?? 0);
@@ -191,7 +194,7 @@ export class WsclusterClient {
     if (!fatal && this._state === "open") this._setState("reconnecting");
     this._emit("disconnected", { code, reason, willRetry: !fatal, delayMs });
     if (fatal) this._finish(fatal);
-    else this._retryTimer = setTimeout(() => this._attempt(), delayMs);
+    else if (!this._finished) this._retryTimer = setTimeout(() => this._attempt(), delayMs); // a listener may close()
   }
 
   _received(link, data) {
@@ -220,7 +223,6 @@ export class WsclusterClient {
   _welcomed(link, welcome) {
     clearTimeout(link.timer);
     link.welcome = welcome;
-    this._failures = 0;
     this.welcome = welcome;
     this.clientId = welcome.client_id ?? null;
     this.node = welcome.node ?? null;
@@ -229,7 +231,7 @@ export class WsclusterClient {
     link.login = login && !(login.token != null && welcome.uid != null) ? login : null;
     if (!link.login) this.uid = welcome.uid ?? null;
     this._emit("welcome", welcome);
-    this._restore(link, welcome);
+    if (link === this._link) this._restore(link, welcome); // unless a listener closed the client
   }
 
   /** Replay the login, then every join (in that order), then let the waiting requests go. */
@@ -256,18 +258,16 @@ export class WsclusterClient {
       return closeQuietly(link.ws, 1000);
     }
     if (link !== this._link || this._finished) return;
-    link.restored = true;
-    this._backoffAttempt = 0;
+    Object.assign(link, { restored: true, restoredAt: Date.now() });
+    this._failures = 0;
     for (const w of this._waiting.splice(0)) { // they go out before any listener runs
       clearTimeout(w.timer);
       this._sendOn(link, w.frame, w.deadline - Date.now()).then(w.resolve, w.reject);
     }
     this._setState("open");
     for (const w of this._openWaiters.splice(0)) w.resolve(welcome);
-    if (this._wasOpen) {
-      this.reconnects += 1;
-      this._emit("reconnected", welcome);
-    }
+    if (link !== this._link) return; // a listener closed the client, or the link dropped
+    if (this._wasOpen) { this.reconnects += 1; this._emit("reconnected", welcome); }
     this._wasOpen = true;
   }
 
@@ -342,36 +342,42 @@ export class WsclusterClient {
     });
   }
 
+  // A request changing what is replayed (login/logout; join/leave of one group): its ack applies
+  // unless a later request on the same key was acked first (acks may come back out of order).
+  async _change(key, frame, apply) {
+    const seq = ++this._opSeq;
+    const op = this._ops.get(key) ?? { applied: 0, inflight: 0 };
+    this._ops.set(key, op);
+    op.inflight += 1;
+    try {
+      const ack = await this.request(frame);
+      if (seq > op.applied) { op.applied = seq; apply(ack); }
+      return ack;
+    } finally {
+      if (--op.inflight === 0) this._ops.delete(key);
+    }
+  }
+
   /** Bind the connection to a uid (anonymous mode) or a JWT's subject; replayed after reconnects. */
   async login({ uid, token } = {}) {
     if ((uid == null) === (token == null)) throw new TypeError("pass exactly one of uid and token");
     const frame = uid != null ? { type: "login", uid } : { type: "login", token };
-    const ack = await this.request(frame);
-    this._login = frame;
-    this.uid = ack.uid ?? uid ?? null;
-    return ack;
+    return this._change("login", frame, (ack) => { this._login = frame; this.uid = ack.uid ?? uid ?? null; });
   }
 
   /** Unbind the uid (the connection stays open) and forget the login. */
-  async logout() {
-    const ack = await this.request({ type: "logout" });
-    this._login = null;
-    this.uid = null;
-    return ack;
+  logout() {
+    return this._change("login", { type: "logout" }, () => { this._login = null; this.uid = null; });
   }
 
   /** Join a group (with presence events when `presence`); re-joined after reconnects. */
-  async join(group, { presence = false } = {}) {
-    const ack = await this.request(joinFrame(group, presence));
-    this._groups.set(group, Boolean(presence));
-    return ack;
+  join(group, { presence = false } = {}) {
+    return this._change(`group:${group}`, joinFrame(group, presence), () => this._groups.set(group, Boolean(presence)));
   }
 
   /** Leave a group and forget it. */
-  async leave(group) {
-    const ack = await this.request({ type: "leave", group });
-    this._groups.delete(group);
-    return ack;
+  leave(group) {
+    return this._change(`group:${group}`, { type: "leave", group }, () => this._groups.delete(group));
   }
 
   /** Deliver `data` (any JSON value) to an address: uid:…, group:…, client:… or all. */

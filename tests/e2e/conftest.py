@@ -9,12 +9,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import make_cluster, unique  # noqa: F401  (fixtures)
+from tests.cluster.conftest import (  # noqa: F401  (fixtures)
+    _close_websockets,
+    cluster,
+    make_cluster,
+    unique,
+)
 from tests.conftest import skip_or_fail
 from wscluster.embedded import free_port
 
@@ -111,3 +117,16 @@ def nginx_factory(tmp_path: Path) -> Iterator[object]:
     yield factory
     for n in started:
         n.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium, headless, through Playwright (skipped when either is missing)."""
+    pw = pytest.importorskip("playwright.async_api")
+    executable = chromium_binary()
+    async with pw.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()

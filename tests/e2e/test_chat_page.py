@@ -8,60 +8,14 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import CHROMIUM_ARGS, Nginx, artifacts_dir, chromium_binary
-
-pw = pytest.importorskip("playwright.async_api")
-expect = pw.expect
+from tests.e2e.conftest import Nginx, artifacts_dir
+from tests.e2e.pages import WAIT, expect, messages, open_conv, open_page, send
 
 pytestmark = pytest.mark.timeout(240)
-WAIT = 15_000  # ms: the longest any step may take (a dead node's presence is purged in ~10 s)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    executable = chromium_binary()
-    async with pw.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def open_page(browser: Any, url: str, name: str) -> Any:
-    context = await browser.new_context(viewport={"width": 1000, "height": 700})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.errors = errors
-    await page.goto(url)
-    await expect(page.locator("#conn-state")).to_have_text("connected", timeout=WAIT)
-    await page.fill("#name", name)
-    await page.click("#login-btn")
-    await expect(page.locator("#me")).to_have_text(name, timeout=WAIT)
-    await expect(page.locator("#login-view")).to_be_hidden()
-    return page
-
-
-async def send(page: Any, text: str) -> None:
-    await page.fill("#text", text)
-    await page.click("#send-btn")
-
-
-async def open_conv(page: Any, key: str) -> None:
-    item = page.locator(f'#convs li[data-conv="{key}"]')
-    await expect(item).to_be_visible(timeout=WAIT)
-    await item.click()
-    await expect(page.locator("#convs li.active")).to_have_attribute("data-conv", key)
-
-
-def messages(page: Any) -> Any:
-    return page.locator("#messages .msg")
 
 
 async def test_chat_across_nodes_behind_nginx(
@@ -142,6 +96,14 @@ async def test_chat_across_nodes_behind_nginx(
     await expect(messages(b).filter(has_text="still there?")).to_have_count(1, timeout=WAIT)
     await expect(a.locator(f'#online li[data-uid="{bob}"]')).to_be_visible()
     await b.screenshot(path=str(artifacts_dir() / "bob-after-failover.png"), full_page=True)
+
+    # the dead node's connection of bob is purged (TTL 3 s): alice's room then counts 2
+    # connections again, and says nothing about bob leaving: he never left, he moved
+    await open_conv(a, f"room:{room}")
+    await expect(a.locator("#conv-info")).to_have_text("2 people, 2 connections", timeout=WAIT)
+    notes = messages(a).filter(has_text=re.compile(f"^{bob} (left|joined) the room"))
+    await expect(notes).to_have_count(1)  # the first join only (he joined after alice)
+    await expect(notes).to_have_text(f"{bob} joined the room")
 
     for page in (a, b):
         assert page.errors == [], page.errors

@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  WsclusterClient, ServerError, ConnectionClosed, backoffDelay, retryHint, TERMINAL_CLOSE_CODES,
+  WsclusterClient, ServerError, ConnectionClosed, backoffDelay, retryHint, TERMINAL_CLOSE_CODES, STABLE_SESSION_MS,
 } from "../wscluster.js";
 import { FakeCluster, sleep, waitFor, once } from "./fake.js";
 
@@ -413,5 +413,204 @@ test("connect() while reconnecting resolves once the session is back", async () 
   assert.equal(client.state, "open");
   assert.equal(welcome, client.welcome);
   assert.equal(client.reconnects, 1);
+  client.close();
+});
+
+// -- regressions found by review ---------------------------------------------------------
+
+for (const event of ["disconnected", "state", "welcome"]) {
+  test(`close() from a '${event}' listener stops for good: no new socket, nothing after 'closed'`, async () => {
+    const { cluster, client } = setup("ws://a/ws", { uid: "u" });
+    await client.connect();
+    const seen = [];
+    for (const e of ["welcome", "reconnected", "closed"]) client.on(e, () => seen.push(e));
+    client.on(event, () => client.close());
+    cluster.last.drop(1006, "");
+    await waitFor(() => client.state === "closed" && seen.includes("closed"), 2000, "closed");
+    await sleep(50);
+    const expectedSockets = event === "welcome" ? 2 : 1;
+    assert.equal(cluster.sockets.length, expectedSockets);
+    assert.ok(cluster.sockets.every((s) => s.readyState !== 1), "a socket was left open");
+    assert.equal(seen.at(-1), "closed", seen.join(","));
+    assert.equal(client.reconnects, 0);
+  });
+}
+
+test("a server that welcomes (and takes the login) then closes at once: the backoff grows", async (t) => {
+  t.mock.method(Math, "random", () => 0.999); // each delay is the whole backoff window
+  const { cluster, client } = setup("ws://a/ws", { uid: "u", backoffBase: 10, backoffCap: 80, maxHandshakeRetries: 1000 });
+  await client.connect();
+  const handler = cluster.handler;
+  cluster.handler = (f, sock) => { setTimeout(() => sock.drop(1011, ""), 5); return handler(f, sock); }; // after the ack
+  const delays = [];
+  client.on("disconnected", (d) => delays.push(Math.round(d.delayMs)));
+  cluster.last.drop(1011, "");
+  await waitFor(() => delays.length >= 6, 3000, "6 drops");
+  client.close();
+  assert.deepEqual(delays.slice(0, 6), [10, 20, 40, 80, 80, 80]);
+  assert.ok(client.reconnects >= 4); // the sessions were restored: the backoff still grew
+});
+
+test("a session that lasted STABLE_SESSION_MS restarts the backoff from its base", async (t) => {
+  t.mock.method(Math, "random", () => 0.999);
+  const realNow = Date.now;
+  let offset = 0;
+  t.mock.method(Date, "now", () => realNow() + offset);
+  const { cluster, client } = setup("ws://a/ws", { backoffBase: 10, backoffCap: 1000 });
+  await client.connect();
+  const delays = [];
+  client.on("disconnected", (d) => delays.push(Math.round(d.delayMs)));
+  for (let i = 0; i < 3; i++) { // short sessions: 10, 20, 40
+    const back = once(client, "reconnected");
+    cluster.last.drop(1006, "");
+    await back;
+  }
+  offset += STABLE_SESSION_MS; // this one stayed up long enough
+  const back = once(client, "reconnected");
+  cluster.last.drop(1006, "");
+  await back;
+  assert.deepEqual(delays, [10, 20, 40, 10]);
+  client.close();
+});
+
+test("welcomes whose login never completes count towards maxHandshakeRetries", async () => {
+  const { cluster, client } = setup("ws://a/ws", { uid: "u", maxHandshakeRetries: 3 });
+  await client.connect();
+  cluster.handler = (f, sock) => { setTimeout(() => sock.drop(1013, "try later"), 1); return null; };
+  cluster.last.drop(1006, "");
+  const closed = await once(client, "closed");
+  assert.equal(cluster.sockets.length, 1 + 4);
+  assert.match(closed.reason, /gave up after 4 attempts without a session/);
+});
+
+test("join/leave and login/logout acks out of order: the last request wins", async () => {
+  const { cluster, client } = setup("ws://a/ws", { uid: "u" });
+  await client.connect();
+  const held = [];
+  cluster.handler = (f) => { held.push(f); return null; };
+  const sock = cluster.last;
+  const answer = (type) => { const f = held.find((h) => h.type === type); sock.push({ type: "ack", id: f.id, uid: f.uid }); };
+  const join = client.join("g", { presence: true });
+  const leave = client.leave("g");
+  const login = client.login({ uid: "v" });
+  const logout = client.logout();
+  await waitFor(() => held.length === 4);
+  answer("leave"); answer("join"); // the server applied join then leave: not in g
+  answer("logout"); answer("login"); // logged in then out: no uid
+  await Promise.all([join, leave, login, logout]);
+  assert.deepEqual([...client.groups], []);
+  assert.equal(client.uid, null);
+  // and the other way round
+  held.length = 0;
+  const p = [client.leave("h"), client.join("h"), client.logout(), client.login({ uid: "w" })];
+  await waitFor(() => held.length === 4);
+  for (const f of held) sock.push({ type: "ack", id: f.id, uid: f.uid });
+  await Promise.all(p);
+  assert.deepEqual([...client.groups], [["h", false]]);
+  assert.equal(client.uid, "w");
+  assert.equal(client._ops.size, 0);
+  cluster.handler = (await import("./fake.js")).defaultHandler;
+  sock.drop(1006, "");
+  await once(client, "reconnected");
+  assert.deepEqual(cluster.last.sent.map(({ id, ...f }) => f), [{ type: "login", uid: "w" }, { type: "join", group: "h" }]);
+  client.close();
+});
+
+test("a failed later request leaves the earlier acked one in force", async () => {
+  const { cluster, client } = setup();
+  await client.connect();
+  cluster.handler = (f) => f.type === "leave"
+    ? { type: "error", id: f.id, code: "unavailable", message: "x" } : { type: "ack", id: f.id };
+  const [joined, left] = await Promise.allSettled([client.join("g"), client.leave("g")]);
+  assert.equal(joined.status, "fulfilled");
+  assert.equal(left.status, "rejected");
+  assert.deepEqual([...client.groups.keys()], ["g"]);
+  client.close();
+});
+
+test("urls can be replaced: the next attempt uses the new list", async () => {
+  const { cluster, client } = setup("ws://a/ws");
+  assert.deepEqual(client.urls, ["ws://a/ws"]);
+  await client.connect();
+  client.urls = ["ws://a/ws", "ws://b/ws"];
+  assert.throws(() => { client.urls = []; }, TypeError);
+  cluster.down.add("ws://a/ws");
+  cluster.last.drop(1006, "");
+  await once(client, "reconnected");
+  assert.equal(client.url, "ws://b/ws");
+  client.urls = "ws://c/ws";
+  assert.deepEqual(client.urls, ["ws://c/ws"]);
+  cluster.last.drop(1006, "");
+  await once(client, "reconnected");
+  assert.equal(client.url, "ws://c/ws");
+  client.close();
+});
+
+test("200 forced reconnects leave no pending entry, timer, listener or open socket behind", async () => {
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+  await sleep(10); // the previous test's fake sockets finish closing
+  const before = timers();
+  const { cluster, client } = setup(["ws://a/ws", "ws://b/ws"], { uid: "u", requestTimeout: 5000 });
+  await client.connect();
+  await client.join("g1", { presence: true });
+  await client.join("g2");
+  const settled = [];
+  for (let i = 0; i < 200; i++) {
+    const silent = i % 3 === 0; // pings go unanswered: in flight when the link drops
+    cluster.handler = silent ? (f) => (f.type === "ping" ? null : { type: "ack", id: f.id, uid: f.uid }) : (await import("./fake.js")).defaultHandler;
+    settled.push(client.ping().catch(() => {}));
+    const back = once(client, "reconnected");
+    if (i % 5 === 0) cluster.down.add("ws://a/ws"); // some attempts fail before the welcome
+    cluster.last.drop(i % 2 ? 1006 : 1012, i % 2 ? "" : '{"retry_ms": 0}');
+    settled.push(client.ping().catch(() => {}), client.send("group:g1", i).catch(() => {})); // they wait
+    if (i % 5 === 0) setTimeout(() => cluster.down.clear(), 2);
+    await back;
+  }
+  cluster.handler = (await import("./fake.js")).defaultHandler;
+  await Promise.all(settled);
+  assert.equal(client.reconnects, 200);
+  assert.equal(client._link.pending.size, 0);
+  assert.equal(client._waiting.length, 0);
+  assert.equal(client._openWaiters.length, 0);
+  assert.equal(client._ops.size, 0);
+  assert.ok([...client._listeners.values()].every((set) => set.size === 0));
+  assert.ok(cluster.sockets.slice(0, -1).every((s) => s.readyState === 3 && !s.onmessage && !s.onclose));
+  assert.deepEqual([...client.groups.keys()], ["g1", "g2"]);
+  client.close();
+  await sleep(10);
+  assert.equal(timers(), before);
+});
+
+test("close() while connecting: connect() rejects, the socket is closed, no retry", async () => {
+  const { cluster, client } = setup("ws://a/ws", { uid: "u" });
+  const first = client.connect();
+  const second = client.connect(); // twice: both settle the same way
+  assert.equal(cluster.sockets.length, 1);
+  client.close();
+  for (const p of [first, second]) assert.ok((await p.catch((e) => e)) instanceof ConnectionClosed);
+  await sleep(30);
+  assert.equal(cluster.sockets.length, 1);
+  assert.equal(cluster.last.closedByClient, 1000);
+  assert.equal(client.state, "closed");
+});
+
+test("1012 hints: huge is capped, negative or not JSON is ignored, other codes ignore it", async (t) => {
+  t.mock.method(Math, "random", () => 0); // the backoff part is 0: delayMs is the hint alone
+  const { cluster, client } = setup("ws://a/ws", { maxHandshakeRetries: 100 });
+  await client.connect();
+  const cases = [
+    [1012, '{"retry_ms": 1e12}', 60000], [1012, '{"retry_ms": -5}', 0], [1012, "retry_ms=5", 0],
+    [1012, '{"retry_ms": 30}', 30], [1013, '{"retry_ms": 500}', 0],
+  ];
+  for (const [code, reason, expected] of cases) {
+    const dis = once(client, "disconnected");
+    cluster.last.drop(code, reason);
+    assert.equal((await dis).delayMs, expected, `${code} ${reason}`);
+    if (expected > 1000) { // do not wait a minute: retry now
+      clearTimeout(client._retryTimer);
+      client._attempt();
+    }
+    await once(client, "reconnected");
+  }
   client.close();
 });

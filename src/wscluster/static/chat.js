@@ -1,38 +1,55 @@
 // The wscluster chat page: rooms, private chats, who is online, system messages.
-// Text that comes from the network is only ever put into the page with textContent.
+// Text that comes from the network is only ever put into the page with textContent, and names
+// and messages sit in isolates (<bdi>, or FSI…PDI in plain text) so that right-to-left marks in
+// them cannot reorder the text around them.
 import { WsclusterClient } from "./wscluster.js";
 
 const LOBBY = "lobby"; // every user joins it with presence: its members are "online"
-const MAX_ITEMS = 500; // messages kept per conversation
+const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
+const REFRESH_MS = [300, 2500]; // presence is re-read after an event: the store may lag a heartbeat
 const $ = (id) => document.getElementById(id);
+const isolate = (text) => `\u2068${text}\u2069`;
+
+// ?name= (the node chooser passes it on) and ?token= (a JWT, for a cluster that needs one) are
+// kept in sessionStorage and taken out of the address bar, so a reload uses the latest name.
+const params = new URLSearchParams(location.search);
+const token = params.get("token") || sessionStorage.getItem("wscluster.token");
+const givenName = params.get("name") || sessionStorage.getItem("wscluster.name");
+if (params.get("token")) sessionStorage.setItem("wscluster.token", token);
+if (params.has("token") || params.has("name")) {
+  ["token", "name"].forEach((p) => params.delete(p));
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+}
 
 // Where this page was loaded from: "/" on a node, or "/n/2/" behind nginx (pinned to node 2).
+// Fallbacks, tried when that node is gone: nginx's /ws, or the other nodes' ports (nodes.json).
 const base = location.pathname.replace(/[^/]*$/, "");
-const wsOrigin = (location.protocol === "https:" ? "wss://" : "ws://") + location.host;
-const urls = [wsOrigin + base + "ws"];
-if (base !== "/") urls.push(wsOrigin + "/ws"); // the pinned node is gone: any node will do
-
-// A page keeps trying for a few minutes (a browser cannot tell a refused handshake from a
-// node that is down: both are 1006), then offers a reload.
-const client = new WsclusterClient(urls, { maxHandshakeRetries: 30 });
+const wsScheme = location.protocol === "https:" ? "wss:" : "ws:";
+const auth = token ? "?token=" + encodeURIComponent(token) : "";
+const own = `${wsScheme}//${location.host}${base}ws${auth}`;
+const client = new WsclusterClient(base === "/" ? [own] : [own, `${wsScheme}//${location.host}/ws${auth}`],
+  { maxHandshakeRetries: 30 }); // a few minutes: a browser sees a refused handshake only as 1006
 const convs = new Map(); // key ("room:x", "dm:bob", "system") -> conversation
-let me = null;
-let current = null;
-let toastTimer = 0;
+let me = null, current = null, toastTimer = 0;
+let byToken = false; // me comes from the token (the welcome), not from a login by name
+let welcomed = false, lostNoted = false; // a welcome since the last drop; its loss was noted
+let refused = null; // why the cluster refused this page (it needs a token), once known
 
 // --- rendering --------------------------------------------------------------------------
 
-function el(tag, cls, text) {
+function el(tag, cls, ...children) {
   const node = document.createElement(tag);
   if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
+  node.append(...children);
   return node;
 }
+const bdi = (text) => el("bdi", "", String(text));
 
 function textOf(data) {
   if (typeof data === "string") return data;
   if (data && typeof data === "object" && typeof data.text === "string") return data.text;
-  return JSON.stringify(data);
+  return String(JSON.stringify(data));
 }
 
 function timeOf(ts) {
@@ -43,13 +60,14 @@ function timeOf(ts) {
 function conv(key, kind, name) {
   let c = convs.get(key);
   if (!c) {
-    const title = kind === "room" ? "# " + name : kind === "dm" ? "@ " + name : "System";
-    c = { key, kind, name, title, items: [], unread: 0, at: Date.now() };
+    const prefix = kind === "room" ? "# " : kind === "dm" ? "@ " : "";
+    c = { key, kind, name, prefix, items: [], unread: 0, at: Date.now(), members: null, soon: 0, late: 0 };
     convs.set(key, c);
     renderConvs();
   }
   return c;
 }
+const titleOf = (c) => (c.kind === "system" ? ["System"] : [c.prefix, bdi(c.name)]);
 
 function add(c, item) {
   c.items.push(item);
@@ -64,10 +82,12 @@ function appendItem(item) {
   const box = $("messages");
   const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   const div = el("div", "msg " + item.kind);
-  if (item.from && item.kind !== "mine") div.append(el("span", "from", item.from));
-  div.append(document.createTextNode(item.text));
+  if (item.from && item.kind !== "mine") div.append(el("span", "from", bdi(item.from)));
+  if (item.who !== undefined) div.append(bdi(item.who));
+  div.append(item.kind === "note" ? item.text : bdi(item.text));
   if (item.kind !== "note") div.append(el("time", "", timeOf(item.ts)));
   box.append(div);
+  while (box.childElementCount > MAX_ITEMS) box.firstElementChild.remove();
   if (stick || item.kind === "mine") box.scrollTop = box.scrollHeight;
 }
 
@@ -77,10 +97,13 @@ function renderConvs() {
     a.name === LOBBY && a.kind === "room" ? -1 : b.name === LOBBY && b.kind === "room" ? 1
       : order[a.kind] - order[b.kind] || b.at - a.at);
   $("convs").replaceChildren(...list.map((c) => {
-    const li = el("li", c === current ? "active" : "");
+    const button = el("button", "", el("span", "name", ...titleOf(c)),
+      el("span", "badge", c.unread ? String(c.unread) : ""));
+    button.type = "button";
+    button.onclick = () => open(c);
+    if (c === current) button.setAttribute("aria-current", "true");
+    const li = el("li", c === current ? "active" : "", button);
     li.dataset.conv = c.key;
-    li.append(el("span", "", c.title), el("span", "badge", c.unread ? String(c.unread) : ""));
-    li.onclick = () => open(c);
     return li;
   }));
 }
@@ -88,59 +111,82 @@ function renderConvs() {
 function open(c) {
   current = c;
   c.unread = 0;
-  $("conv-title").textContent = c.title;
+  $("conv-title").replaceChildren(...titleOf(c));
   $("conv-info").textContent = "";
   $("leave-btn").hidden = !(c.kind === "room" && c.name !== LOBBY);
   $("text").disabled = $("send-btn").disabled = c.kind === "system";
-  $("text").placeholder = c.kind === "system" ? "system messages are read-only" : "message " + c.title;
+  $("text").placeholder = c.kind === "system" ? "system messages are read-only"
+    : "message " + c.prefix + isolate(c.name);
   $("messages").replaceChildren();
   c.items.forEach(appendItem);
   $("messages").scrollTop = $("messages").scrollHeight;
   renderConvs();
-  if (c.kind === "room") roomInfo(c);
-}
-
-async function roomInfo(c) {
-  try {
-    const ack = await client.presence("group:" + c.name);
-    const people = ack.uids.length === 1 ? "1 person" : `${ack.uids.length} people`;
-    const conns = ack.count === 1 ? "1 connection" : `${ack.count} connections`;
-    if (current === c) $("conv-info").textContent = `${people}, ${conns}`;
-  } catch { /* not important */ }
+  if (c.kind === "room") refreshRoom(c);
 }
 
 function toast(text) {
-  $("toast").textContent = text;
+  $("toast").textContent = text.length > 300 ? text.slice(0, 300) + "…" : text;
   $("toast").hidden = false;
   clearTimeout(toastTimer);
   toastTimer = setTimeout(() => { $("toast").hidden = true; }, 6000);
+}
+
+/** Show one view: "name" (pick a name), "wait" (for the token's uid), "token" (ask for one), "chat". */
+function show(view) {
+  $("chat-view").hidden = view !== "chat";
+  $("login-view").hidden = view === "chat";
+  $("login-form").hidden = view !== "name";
+  $("token-wait").hidden = view !== "wait";
+  $("token-form").hidden = view !== "token";
 }
 
 function note(text) {
   if (current) add(current, { kind: "note", text });
 }
 
-// --- who is online ----------------------------------------------------------------------
+// --- who is in a room (the lobby: who is online) ----------------------------------------
 
-let onlineTimer = 0;
-function refreshOnline(delay = 0) { // presence events come before the store is updated
-  clearTimeout(onlineTimer);
-  onlineTimer = setTimeout(async () => {
-    if (!me) return;
-    try {
-      const ack = await client.presence("group:" + LOBBY);
-      renderOnline(ack.uids);
-    } catch { /* retried at the next event or reconnect */ }
-  }, delay);
+// Read from the cluster when a room is opened or joined, and after each presence event of it.
+// Joins and leaves are told from the difference, so a second tab (or a reconnect on another
+// node) of someone already there is no news, and neither is one of their two tabs closing.
+function watchRoom(c) {
+  if (!c.soon) c.soon = setTimeout(() => { c.soon = 0; refreshRoom(c); }, REFRESH_MS[0]);
+  clearTimeout(c.late);
+  c.late = setTimeout(() => refreshRoom(c), REFRESH_MS[1]);
+}
+const unwatch = (c) => { clearTimeout(c.soon); clearTimeout(c.late); };
+
+async function refreshRoom(c) {
+  const ack = await client.presence("group:" + c.name).catch(() => null); // else: next event
+  if (!ack || convs.get(c.key) !== c || !Array.isArray(ack.uids)) return; // or left meanwhile
+  const uids = new Set(ack.uids.map(String));
+  if (c.members && c.name !== LOBBY) {
+    for (const uid of uids) if (!c.members.has(uid)) add(c, { kind: "note", who: uid, text: " joined the room" });
+    for (const uid of c.members) if (!uids.has(uid)) add(c, { kind: "note", who: uid, text: " left the room" });
+  }
+  c.members = uids;
+  if (c === current) {
+    const people = uids.size === 1 ? "1 person" : `${uids.size} people`;
+    $("conv-info").textContent = `${people}, ${ack.count === 1 ? "1 connection" : `${ack.count} connections`}`;
+  }
+  if (c.name === LOBBY) renderOnline(uids);
 }
 
 function renderOnline(uids) {
   const sorted = [...uids].sort((a, b) => a.localeCompare(b));
   $("online-count").textContent = `(${sorted.length})`;
   $("online").replaceChildren(...sorted.map((uid) => {
-    const li = el("li", uid === me ? "self" : "", uid === me ? uid + " (you)" : uid);
+    const li = el("li", uid === me ? "self" : "");
     li.dataset.uid = uid;
-    if (uid !== me) li.onclick = () => open(conv("dm:" + uid, "dm", uid));
+    if (uid === me) {
+      li.append(el("span", "name", bdi(uid), " (you)"));
+    } else {
+      const button = el("button", "", el("span", "name", bdi(uid)));
+      button.type = "button";
+      button.title = "private chat with " + isolate(uid);
+      button.onclick = () => open(conv("dm:" + uid, "dm", uid));
+      li.append(button);
+    }
     return li;
   }));
 }
@@ -154,55 +200,96 @@ client.on("state", (state) => {
   $("conn-state").className = "state " + state;
 });
 
-client.on("welcome", (welcome) => { $("node").textContent = welcome.node; });
+client.on("welcome", (welcome) => {
+  welcomed = true;
+  $("node").textContent = welcome.node;
+  if (me || !token || $("token-wait").hidden) return;
+  if (welcome.uid != null) return void enter(welcome.uid, true); // the token names us
+  show("name"); // a token, but a cluster in anonymous mode: pick a name
+  if (givenName) login(givenName);
+});
 client.on("disconnected", (ev) => {
-  if (ev.willRetry) note(`connection lost (${ev.code}); reconnecting…`);
+  if (ev.willRetry && !lostNoted) {
+    lostNoted = true; // once per drop, not once per failed attempt
+    note(`connection lost (${ev.code}); reconnecting…`);
+  }
+  if (!welcomed) diagnose(client.url);
+  welcomed = false;
 });
 client.on("reconnected", (welcome) => {
+  lostNoted = false;
   note(`reconnected, now on node ${welcome.node}`);
-  refreshOnline();
+  for (const c of convs.values()) if (c.kind === "room") refreshRoom(c);
   loadNodes();
-  if (current && current.kind === "room") roomInfo(current);
 });
 client.on("closed", (ev) => {
+  if (byToken && ev.code === 1008) needToken(ev.reason || "refused"); // e.g. it expired
+  if (refused !== null) return;
   note(`disconnected for good (${ev.code}${ev.reason ? ": " + ev.reason : ""}); reload the page`);
   toast("disconnected: reload the page to reconnect");
 });
+client.on("error", (f) => toast(`the server says ${f.code}: ${f.message ?? ""}`));
 
 client.on("message", (f) => {
   const from = f.from;
+  const to = String(f.to ?? "");
   const text = textOf(f.data);
-  if (from === null || f.to === "all") {
-    const label = from === null ? "system" : "broadcast from " + from.uid;
+  if (from == null || to === "all") {
+    const label = from == null ? "system" : "broadcast from " + isolate(from.uid);
     add(conv("system", "system", "system"), { kind: "system", from: label, text, ts: f.ts });
-    toast(label + ": " + text);
+    toast(label + ": " + isolate(text));
     return;
   }
-  const mine = from.uid === me;
+  const mine = me !== null && from.uid === me;
   const item = { kind: mine ? "mine" : "theirs", from: from.uid || from.client_id, text, ts: f.ts };
-  if (f.to.startsWith("group:")) {
-    const room = f.to.slice(6);
+  if (to.startsWith("group:")) {
+    const room = to.slice(6);
     if (client.groups.has(room)) add(conv("room:" + room, "room", room), item);
   } else if (from.uid) {
-    const peer = mine ? f.to.replace(/^uid:/, "") : from.uid;
+    const peer = mine && to.startsWith("uid:") ? to.slice(4) : from.uid;
     add(conv("dm:" + peer, "dm", peer), item);
   }
 });
 
 client.on("presence", (f) => {
   const c = convs.get("room:" + f.group);
-  if (c === current) setTimeout(() => roomInfo(c), 300);
-  if (f.group === LOBBY) refreshOnline(300);
-  else if (c && f.uid) {
-    add(c, { kind: "note", text: `${f.uid} ${f.event === "join" ? "joined" : "left"} the room` });
-  }
+  if (c) watchRoom(c);
 });
 
-async function joinRoom(name, show) {
+// A refused handshake reaches a browser only as close code 1006. When an attempt on this page's
+// own origin fails before its welcome, ask the same URL over plain HTTP why: a node answers
+// 401 with the reason when it needs a token (a bad one, or none).
+let probing = false;
+async function diagnose(url) {
+  const http = url.replace(/^ws/, "http");
+  if (probing || refused !== null || new URL(http).host !== location.host) return;
+  probing = true;
+  try {
+    const res = await fetch(http, { cache: "no-store" });
+    if (res.status === 401) {
+      const body = await res.json().catch(() => ({}));
+      needToken(typeof body.error === "string" ? body.error : "unauthorized");
+    }
+  } catch { /* the node is down: keep trying */ } finally {
+    probing = false;
+  }
+}
+
+function needToken(reason) {
+  refused = reason;
+  client.close();
+  sessionStorage.removeItem("wscluster.token");
+  show("token");
+  $("token-error").textContent = token ? `The cluster refused this token: ${reason}.` : "";
+  $("token").focus();
+}
+
+async function joinRoom(name, focus, save = true) {
   await client.join(name, { presence: true });
   const c = conv("room:" + name, "room", name);
-  saveRooms();
-  if (show) open(c);
+  if (save) saveRooms();
+  if (focus) open(c);
+  else refreshRoom(c);
   return c;
 }
 
@@ -211,40 +298,56 @@ function saveRooms() {
   sessionStorage.setItem("wscluster.rooms", JSON.stringify(rooms.map((c) => c.name)));
 }
 
+function savedRooms() {
+  let rooms = [];
+  try { rooms = JSON.parse(sessionStorage.getItem("wscluster.rooms") || "[]"); } catch { /* none */ }
+  return Array.isArray(rooms) ? rooms.filter((r) => typeof r === "string" && r !== LOBBY) : [];
+}
+
 async function login(name) {
   $("login-error").textContent = "";
   $("login-btn").disabled = true;
-  try {
-    const ack = await client.login({ uid: name });
-    me = ack.uid || name;
-    sessionStorage.setItem("wscluster.name", me);
-    $("me").textContent = me;
-    $("login-view").hidden = true;
-    $("chat-view").hidden = false;
-    const lobby = await joinRoom(LOBBY, true);
-    let rooms = [];
-    try { rooms = JSON.parse(sessionStorage.getItem("wscluster.rooms") || "[]"); } catch { /* */ }
-    for (const room of rooms) if (typeof room === "string") await joinRoom(room, false);
-    open(lobby);
-    refreshOnline();
-    $("text").focus();
-  } catch (err) {
+  const ack = await client.login({ uid: name }).catch((err) => {
     $("login-error").textContent = `could not log in: ${err.code || ""} ${err.message}`;
-  } finally {
-    $("login-btn").disabled = false;
+  });
+  $("login-btn").disabled = false;
+  if (ack) await enter(ack.uid || name, false);
+}
+
+/** Show the chat as `uid`, in the lobby and the rooms this tab was in (read before any join). */
+async function enter(uid, viaToken) {
+  me = uid;
+  byToken = viaToken;
+  if (!viaToken) sessionStorage.setItem("wscluster.name", me);
+  $("me").textContent = me;
+  $("logout-btn").textContent = viaToken ? "log out" : "change name";
+  show("chat");
+  for (const room of [LOBBY, ...savedRooms()]) {
+    await joinRoom(room, room === LOBBY, false).catch((err) => toast(`could not join ${isolate(room)}: ${err.code || err.message}`));
   }
+  saveRooms();
+  $("text").focus();
+  loadNodes(); // the links to other nodes carry the name
 }
 
 async function logout() {
+  for (const key of ["wscluster.name", "wscluster.rooms", "wscluster.token"]) sessionStorage.removeItem(key);
+  if (byToken) { // the token is this page's identity: start again without it
+    refused = "logged out";
+    client.close();
+    location.replace(location.pathname);
+    return;
+  }
   for (const c of convs.values()) if (c.kind === "room") await client.leave(c.name).catch(() => {});
   await client.logout().catch(() => {});
-  sessionStorage.removeItem("wscluster.name");
-  sessionStorage.removeItem("wscluster.rooms");
   me = null;
   current = null;
+  convs.forEach(unwatch);
   convs.clear();
-  $("chat-view").hidden = true;
-  $("login-view").hidden = false;
+  renderConvs();
+  renderOnline([]);
+  $("messages").replaceChildren();
+  show("name");
   $("name").focus();
 }
 
@@ -254,6 +357,11 @@ $("login-form").onsubmit = (ev) => {
   ev.preventDefault();
   const name = $("name").value.trim();
   if (name) login(name);
+};
+$("token-form").onsubmit = (ev) => {
+  ev.preventDefault();
+  const value = $("token").value.trim();
+  if (value) location.replace(location.pathname + "?token=" + encodeURIComponent(value));
 };
 $("logout-btn").onclick = () => logout();
 
@@ -265,7 +373,7 @@ $("join-form").onsubmit = async (ev) => {
     await joinRoom(name, true);
     $("room-name").value = "";
   } catch (err) {
-    toast(`could not join ${name}: ${err.code || err.message}`);
+    toast(`could not join ${isolate(name)}: ${err.code || err.message}`);
   }
 };
 
@@ -278,6 +386,7 @@ $("leave-btn").onclick = async () => {
     toast(`could not leave: ${err.code || err.message}`);
     return;
   }
+  unwatch(c);
   convs.delete(c.key);
   saveRooms();
   open(conv("room:" + LOBBY, "room", LOBBY));
@@ -301,29 +410,38 @@ $("compose").onsubmit = async (ev) => {
 
 // --- the node chooser -------------------------------------------------------------------
 
+// Read again every 30 s; every 3 s at first while a node lists only itself (its list may lag).
+let nodesShown = "", nodesTimer = 0, nodesTries = 0;
 async function loadNodes() {
   let list;
   try {
     // behind nginx, /nodes.json is answered by nginx (paths); on a node, by the node (ports)
     const res = await fetch("/nodes.json", { cache: "no-store" });
     list = (await res.json()).nodes;
-  } catch {
-    return;
-  }
-  if (!Array.isArray(list)) return;
-  const select = $("node-select");
+  } catch { /* read again later */ }
+  clearTimeout(nodesTimer);
+  const alone = !Array.isArray(list) || list.length < 2;
+  nodesTimer = setTimeout(loadNodes, alone && ++nodesTries < 20 ? 3000 : 30000);
+  if (!Array.isArray(list) || JSON.stringify([me, list]) === nodesShown) return;
+  nodesShown = JSON.stringify([me, list]);
   const options = [];
-  const name = me ? "?name=" + encodeURIComponent(me) : "";
-  if (list.some((n) => n.path)) options.push({ label: "any node", href: "/" + name, here: base === "/" });
+  const carry = new URLSearchParams();
+  if (me && !byToken) carry.set("name", me);
+  if (token) carry.set("token", token);
+  const query = carry.toString() ? "?" + carry : "";
+  if (list.some((n) => n.path)) options.push({ label: "any node", href: "/", here: base === "/" });
+  const others = [];
   for (const n of list) {
-    if (typeof n.path === "string") {
-      options.push({ label: String(n.label), href: n.path + name, here: base === n.path });
-    } else if (Number.isInteger(n.port)) {
-      const href = `${location.protocol}//${location.hostname}:${n.port}/${name}`;
-      options.push({ label: String(n.label), href, here: String(n.port) === location.port });
+    if (typeof n.path === "string") { // same origin: sessionStorage carries the name and rooms
+      options.push({ label: String(n.label), href: n.path, here: base === n.path });
+    } else if (Number.isInteger(n.port)) { // another origin: the name (and token) go in the URL
+      const here = String(n.port) === location.port;
+      options.push({ label: String(n.label), href: `${location.protocol}//${location.hostname}:${n.port}/${query}`, here });
+      if (!here) others.push(`${wsScheme}//${location.hostname}:${n.port}/ws${auth}`);
     }
   }
-  select.replaceChildren(...options.map((o) => {
+  if (base === "/" && others.length) client.urls = [own, ...others]; // when this node is gone
+  $("node-select").replaceChildren(...options.map((o) => {
     const opt = el("option", "", o.here ? o.label + " (this page)" : o.label);
     opt.value = o.href;
     opt.selected = o.here;
@@ -334,12 +452,13 @@ $("node-select").onchange = (ev) => { if (ev.target.value) location.href = ev.ta
 
 // --- start ------------------------------------------------------------------------------
 
-client.connect().catch((err) => toast(`cannot connect: ${err.message}`));
+client.connect().catch((err) => { if (refused === null) toast(`cannot connect: ${err.message}`); });
 loadNodes();
-const given = new URLSearchParams(location.search).get("name") || sessionStorage.getItem("wscluster.name");
-if (given) {
-  $("name").value = given;
-  login(given);
+if (givenName) $("name").value = givenName;
+if (token) {
+  show("wait"); // the welcome says whom the token names (see "welcome")
+} else if (givenName) {
+  login(givenName);
 } else {
   $("name").focus();
 }
