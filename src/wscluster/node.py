@@ -219,8 +219,16 @@ class Node:
         return control.apply(self, cid, action, arg)
 
     # --- presence ----------------------------------------------------------------------
-    async def presence_write(self, write: Awaitable[None]) -> None:
-        """Await a presence write; a failure marks the mirror dirty (full resync later)."""
+    def presence_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start a presence write now. Writes reach the store in the order they are started
+        (each task's first step queues its write), however late their callers await them:
+        a ``join`` then ``leave`` read in one go must never be written as leave, join. A
+        failure marks the mirror dirty (full resync later) and raises to whoever awaits."""
+        task = asyncio.ensure_future(self._presence_write(write))
+        task.add_done_callback(_ignore_failure)
+        return task
+
+    async def _presence_write(self, write: Coroutine[Any, Any, None]) -> None:
         try:
             await asyncio.wait_for(write, self.config.request_timeout)
         except (PresenceUnavailable, TimeoutError) as exc:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
@@ -113,11 +113,11 @@ class Ops:
 
         return rollback
 
-    async def _settle(self, write: Awaitable[None]) -> None:
+    def _settle(self, write: Coroutine[Any, Any, None]) -> Awaitable[None]:
         """leave/unbind: the local change is the barrier and they always succeed; the
-        presence write is awaited (so queries see it) and repaired by a resync if it fails."""
-        with contextlib.suppress(PresenceUnavailable):
-            await self.node.presence_write(write)
+        presence write starts now (in order with the others), is awaited (so queries see
+        it) and is repaired by a resync if it fails."""
+        return _quietly(self.node.presence_write(write))
 
     async def _barrier(
         self, waits: Sequence[Awaitable[None]], rollback: Callable[[], None] | None
@@ -142,3 +142,8 @@ class Ops:
 
 async def _done() -> None:
     return None
+
+
+async def _quietly(write: Awaitable[None]) -> None:
+    with contextlib.suppress(PresenceUnavailable):
+        await write

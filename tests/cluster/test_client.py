@@ -346,3 +346,52 @@ async def test_in_flight_request_fails_when_link_breaks(
     assert not client.connected and client.reconnects == 0
     with pytest.raises(ConnectionClosed):
         await client.ping()
+
+
+async def test_join_and_leave_at_once_keep_the_last_intent(
+    cluster: Any, open_client: Any, unique: str
+) -> None:
+    """A join and a leave sent together may be acked leave first: what a reconnect restores
+    follows the order the requests were made, not the order of their acks."""
+    client = await open_client(cluster.ws_urls[0], f"i{unique}")
+    for i in range(10):
+        group = f"i{unique}{i}"
+        await asyncio.gather(client.join(group), client.leave(group))
+        assert group not in client.groups
+        await asyncio.gather(client.leave(group), client.join(group, presence=True))
+        assert client.groups.get(group) is True
+    await asyncio.gather(client.login(f"j{unique}"), client.logout())
+    assert client.uid is None and client._login is None
+    assert client._intents == {}  # nothing left behind
+
+
+async def test_backoff_grows_across_sessions_that_drop_at_once() -> None:
+    """A node that welcomes, acks the login and closes at once is not retried in a tight loop:
+    the backoff restarts only after a session that lasted."""
+    import json
+
+    import websockets
+
+    opened = 0
+
+    async def handler(ws: Any) -> None:
+        nonlocal opened
+        opened += 1
+        welcome = {"type": "welcome", "client_id": f"c{opened}", "node": "n", "uid": None,
+                   "heartbeat": 25}  # fmt: skip
+        await ws.send(json.dumps(welcome))
+        frame = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "ack", "id": frame["id"], "uid": frame.get("uid")}))
+        await ws.close(1011)
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = Client(f"ws://127.0.0.1:{port}/ws", uid="flap", backoff_base=0.05,
+                        backoff_cap=0.8)  # fmt: skip
+        await client.connect()
+        await asyncio.sleep(3)
+        await client.close()
+    # a fresh backoff per drop would average 0.025 s a retry (~100 connections in 3 s); a
+    # growing one reaches its 0.8 s cap (mean 0.4 s) after 4 drops: about 10
+    assert 3 <= opened <= 25, opened
+    assert client._backoff.attempt >= opened - 1  # one backoff step per drop, never reset

@@ -153,6 +153,34 @@ async def test_presence_queries(cluster: Cluster, unique: str) -> None:
     await q.close()
 
 
+async def test_back_to_back_changes_reach_presence_in_order(
+    cluster: Cluster, unique: str
+) -> None:
+    """join+leave (and login+logout) read from one socket in one go are written to the
+    presence store in that order: the mirror never keeps a group the connection left."""
+    a = await WS.open(cluster.ws_urls[0], f"o{unique}")
+    q = await WS.open(cluster.ws_urls[1])
+    for i in range(10):
+        group = f"o{unique}{i}"
+        frames = [
+            {"type": "join", "group": group, "id": f"j{i}"},
+            {"type": "leave", "group": group, "id": f"l{i}"},
+            {"type": "login", "uid": f"o{unique}{i}", "id": f"b{i}"},
+            {"type": "logout", "id": f"u{i}"},
+        ]
+        for frame in frames:  # no wait between them: they arrive in one read
+            await a.send_raw(json.dumps(frame))
+        replies = [json.loads(await asyncio.wait_for(a.conn.recv(), 5)) for _ in frames]
+        assert sorted((r["type"], r["id"]) for r in replies) == sorted(
+            ("ack", f["id"]) for f in frames
+        )  # acks come as barriers hold, not necessarily in order
+        got = await q.ok({"type": "presence", "to": f"group:{group}"})
+        assert (got["uids"], got["count"]) == ([], 0), (i, got)
+        assert (await q.ok({"type": "presence", "to": f"uid:o{unique}{i}"}))["online"] is False
+    await a.close()
+    await q.close()
+
+
 async def test_presence_events(cluster: Cluster, unique: str) -> None:
     g = f"pe{unique}"
     watcher = await WS.open(cluster.ws_urls[0], f"w{unique}")

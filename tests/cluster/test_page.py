@@ -36,6 +36,8 @@ def get_full(url: str) -> tuple[int, Message, bytes]:
         ("/index.html", "text/html", "src/wscluster/static/index.html"),
         ("/chat.js", "text/javascript", "src/wscluster/static/chat.js"),
         ("/chat.css", "text/css", "src/wscluster/static/chat.css"),
+        ("/view.js", "text/javascript", "src/wscluster/static/view.js"),
+        ("/nodes.js", "text/javascript", "src/wscluster/static/nodes.js"),
         ("/wscluster.js", "text/javascript", "clients/js/wscluster.js"),
     ],
 )

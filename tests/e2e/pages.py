@@ -14,12 +14,16 @@ WAIT = 15_000  # ms: the longest any step may take (a dead node's presence is pu
 
 async def new_page(browser: Any, url: str, width: int = 1000) -> Any:
     """A page in its own browser context (its own sessionStorage: another tab or device);
-    `page.errors` collects uncaught exceptions, `page.frames_in` the WebSocket frames received."""
+    `page.errors` collects uncaught exceptions and CSP violations, `page.frames_in` the
+    WebSocket frames received."""
     context = await browser.new_context(viewport={"width": width, "height": 700})
     page = await context.new_page()
     errors: list[str] = []
     frames: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the page must run under the nodes' Content-Security-Policy without a single violation
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text
+            else None)  # fmt: skip
     page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
     page.errors = errors
     page.frames_in = frames

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -79,6 +80,13 @@ class Client:
         self._token = token
         self._login: Frame | None = None  # the login frame to replay after a reconnect
         self._groups: dict[str, bool] = {}  # joined groups -> presence flag
+        # the latest request that changes a group or the login, per key: an ack applies to
+        # that bookkeeping only if no later request for the same key was made (join then
+        # leave sent at once may be acked leave first)
+        self._intents: dict[str, int] = {}
+        self._intent_ids = itertools.count(1)
+        self._backoff = Backoff(backoff_base, backoff_cap)  # kept across drops (session.py)
+        self._installed_at = 0.0  # when the current link was installed (monotonic)
         self._queue = PushQueue(max_queue)
         self._ids = itertools.count(1)
         self._last_id = 0
@@ -191,30 +199,48 @@ class Client:
         frame: Frame = {"type": "login", "uid": uid} if uid is not None else {"type": "login"}
         if token is not None:
             frame["token"] = token
-        ack = await self.request(frame)
-        self._login = frame
-        if token is not None:
-            self._token = token
-        self.uid = ack.get("uid", uid)
-        return ack
+        def apply(ack: Frame) -> None:
+            self._login = frame
+            if token is not None:
+                self._token = token
+            self.uid = ack.get("uid", uid)
+
+        return await self._tracked("login", frame, apply)
 
     async def logout(self) -> Frame:
-        ack = await self.request({"type": "logout"})
-        self._login = None
-        self.uid = None
-        return ack
+        def apply(ack: Frame) -> None:
+            self._login = None
+            self.uid = None
+
+        return await self._tracked("login", {"type": "logout"}, apply)
 
     async def join(self, group: str, *, presence: bool = False) -> Frame:
         frame: Frame = {"type": "join", "group": group}
         if presence:
             frame["presence"] = True
-        ack = await self.request(frame)
-        self._groups[group] = presence
-        return ack
+        return await self._tracked(
+            f"group:{group}", frame, lambda ack: self._groups.__setitem__(group, presence)
+        )
 
     async def leave(self, group: str) -> Frame:
-        ack = await self.request({"type": "leave", "group": group})
-        self._groups.pop(group, None)
+        frame: Frame = {"type": "leave", "group": group}
+        return await self._tracked(
+            f"group:{group}", frame, lambda ack: self._groups.pop(group, None)
+        )
+
+    async def _tracked(self, key: str, frame: Frame, apply: Callable[[Frame], object]) -> Frame:
+        """Send a request that changes what a reconnect restores (the login, a group), and
+        apply its ack to that bookkeeping only if no later request for the same key was made
+        meanwhile: a join and a leave sent at once may be acked leave first."""
+        intent = self._intents[key] = next(self._intent_ids)
+        try:
+            ack = await self.request(frame)
+        finally:
+            latest = self._intents.get(key) == intent
+            if latest:
+                del self._intents[key]
+        if latest:
+            apply(ack)
         return ack
 
     async def send(self, to: str, data: Any) -> Frame:
@@ -310,6 +336,7 @@ class Client:
         assert welcome is not None
         self._connecting = None
         self._link = link
+        self._installed_at = time.monotonic()
         self.welcome = welcome
         self.client_id = welcome.get("client_id")
         self.node = welcome.get("node")

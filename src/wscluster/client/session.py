@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from typing import TYPE_CHECKING
 
-from ..backoff import Backoff
 from .link import Link
 from .protocol import (
     ConnectionClosed,
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .core import Client
 
 log = logging.getLogger("wscluster.client")
+
+STABLE_SESSION = 5.0  # seconds a restored session must last to restart the backoff
 
 
 async def supervise(client: Client, link: Link) -> None:
@@ -61,7 +63,11 @@ async def _watch(client: Client, link: Link) -> None:
 
 
 async def _reconnect(client: Client, hint: float | None) -> Link | None:
-    backoff = Backoff(client.backoff_base, client.backoff_cap)
+    # One backoff across drops, restarted only by a session that lasted: a node that
+    # welcomes and then closes at once must not be retried in a tight loop.
+    backoff = client._backoff
+    if time.monotonic() - client._installed_at >= STABLE_SESSION:
+        backoff.reset()
     refusals = failures = 0
     while True:
         delay = backoff.next() + (hint or 0.0)

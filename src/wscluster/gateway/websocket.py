@@ -51,6 +51,8 @@ _PAGE_FILES = {
     b"/index.html": ("index.html", "text/html; charset=utf-8"),
     b"/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
     b"/chat.css": ("chat.css", "text/css; charset=utf-8"),
+    b"/view.js": ("view.js", "text/javascript; charset=utf-8"),
+    b"/nodes.js": ("nodes.js", "text/javascript; charset=utf-8"),
     b"/wscluster.js": ("wscluster.js", "text/javascript; charset=utf-8"),
 }
 _NODES_REFRESH = 2.0  # seconds between reads of the live nodes for /nodes.json

@@ -3,12 +3,12 @@
 // and messages sit in isolates (<bdi>, or FSI…PDI in plain text) so that right-to-left marks in
 // them cannot reorder the text around them.
 import { WsclusterClient } from "./wscluster.js";
+import { $, bdi, el, isolate, textOf, timeOf } from "./view.js";
+import { nodeChooser } from "./nodes.js";
 
 const LOBBY = "lobby"; // every user joins it with presence: its members are "online"
 const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
 const REFRESH_MS = [300, 2500]; // presence is re-read after an event: the store may lag a heartbeat
-const $ = (id) => document.getElementById(id);
-const isolate = (text) => `\u2068${text}\u2069`;
 
 // ?name= (the node chooser passes it on) and ?token= (a JWT, for a cluster that needs one) are
 // kept in sessionStorage and taken out of the address bar, so a reload uses the latest name.
@@ -35,27 +35,11 @@ let me = null, current = null, toastTimer = 0;
 let byToken = false; // me comes from the token (the welcome), not from a login by name
 let welcomed = false, lostNoted = false; // a welcome since the last drop; its loss was noted
 let refused = null; // why the cluster refused this page (it needs a token), once known
+const loadNodes = nodeChooser({
+  client, base, own, wsScheme, auth, token, identity: () => ({ me, byToken }),
+});
 
 // --- rendering --------------------------------------------------------------------------
-
-function el(tag, cls, ...children) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  node.append(...children);
-  return node;
-}
-const bdi = (text) => el("bdi", "", String(text));
-
-function textOf(data) {
-  if (typeof data === "string") return data;
-  if (data && typeof data === "object" && typeof data.text === "string") return data.text;
-  return String(JSON.stringify(data));
-}
-
-function timeOf(ts) {
-  const d = typeof ts === "number" ? new Date(ts) : new Date();
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-}
 
 function conv(key, kind, name) {
   let c = convs.get(key);
@@ -407,48 +391,6 @@ $("compose").onsubmit = async (ev) => {
     add(c, { kind: "note", text: `not sent (${err.code || err.message}): ${text}` });
   }
 };
-
-// --- the node chooser -------------------------------------------------------------------
-
-// Read again every 30 s; every 3 s at first while a node lists only itself (its list may lag).
-let nodesShown = "", nodesTimer = 0, nodesTries = 0;
-async function loadNodes() {
-  let list;
-  try {
-    // behind nginx, /nodes.json is answered by nginx (paths); on a node, by the node (ports)
-    const res = await fetch("/nodes.json", { cache: "no-store" });
-    list = (await res.json()).nodes;
-  } catch { /* read again later */ }
-  clearTimeout(nodesTimer);
-  const alone = !Array.isArray(list) || list.length < 2;
-  nodesTimer = setTimeout(loadNodes, alone && ++nodesTries < 20 ? 3000 : 30000);
-  if (!Array.isArray(list) || JSON.stringify([me, list]) === nodesShown) return;
-  nodesShown = JSON.stringify([me, list]);
-  const options = [];
-  const carry = new URLSearchParams();
-  if (me && !byToken) carry.set("name", me);
-  if (token) carry.set("token", token);
-  const query = carry.toString() ? "?" + carry : "";
-  if (list.some((n) => n.path)) options.push({ label: "any node", href: "/", here: base === "/" });
-  const others = [];
-  for (const n of list) {
-    if (typeof n.path === "string") { // same origin: sessionStorage carries the name and rooms
-      options.push({ label: String(n.label), href: n.path, here: base === n.path });
-    } else if (Number.isInteger(n.port)) { // another origin: the name (and token) go in the URL
-      const here = String(n.port) === location.port;
-      options.push({ label: String(n.label), href: `${location.protocol}//${location.hostname}:${n.port}/${query}`, here });
-      if (!here) others.push(`${wsScheme}//${location.hostname}:${n.port}/ws${auth}`);
-    }
-  }
-  if (base === "/" && others.length) client.urls = [own, ...others]; // when this node is gone
-  $("node-select").replaceChildren(...options.map((o) => {
-    const opt = el("option", "", o.here ? o.label + " (this page)" : o.label);
-    opt.value = o.href;
-    opt.selected = o.here;
-    return opt;
-  }));
-}
-$("node-select").onchange = (ev) => { if (ev.target.value) location.href = ev.target.value; };
 
 // --- start ------------------------------------------------------------------------------
 
