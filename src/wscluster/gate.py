@@ -59,6 +59,24 @@ class Gate:
         self.app_hook = app_hook
         self.keep_request = keep_request  # only an application reads them after the upgrade
 
+    def diagnose(self, query: str, headers: Mapping[str, str]) -> Refusal:
+        """A plain GET of the WebSocket path (no upgrade): say whether the token would pass,
+        so a page can tell "needs a token" from "node down" (a browser sees any refused
+        handshake as 1006). The Origin is not checked: a plain GET opens no socket, and a
+        same-origin GET carries no Origin header; nothing but the token is looked at."""
+        if self.verifier is not None:
+            try:
+                token = token_from(query, headers)
+            except ValueError:
+                return Refusal(401, "malformed query string")
+            if token is None:
+                return Refusal(401, "missing token")
+            try:
+                self.verifier.verify(token)
+            except AuthError as exc:
+                return Refusal(401, exc.reason)
+        return Refusal(426, "this is a WebSocket endpoint: upgrade to connect")
+
     def check(
         self, path: str, query: str, headers: Mapping[str, str]
     ) -> Request | Refusal:

@@ -434,6 +434,27 @@ async def test_missing_origin(nodes: Nodes) -> None:
     assert ws.welcome["uid"] is None
 
 
+async def test_plain_get_of_ws_says_whether_the_token_passes(nodes: Nodes, unique: str) -> None:
+    """A page cannot see why its handshake failed (1006): a plain GET of /ws tells it, without
+    the Origin check (a same-origin GET has no Origin; a plain GET opens no socket)."""
+    signer = nodes.signers["hs"]
+    cases = [
+        (nodes.hs[0].ws_url, None, 401, "missing token"),
+        (f"{nodes.hs[0].ws_url}?token={signer.token(f'g{unique}')}", None, 426, "upgrade"),
+        (f"{nodes.hs[0].ws_url}?token={signer.token(f'g{unique}', ttl=-600)}", None, 401, "expir"),
+        (nodes.hs[0].ws_url, f"Bearer {signer.token(f'g{unique}')}", 426, "upgrade"),
+        (nodes.strict.ws_url, None, 426, "upgrade"),  # --allowed-origins: no 403 here
+    ]
+    async with aiohttp.ClientSession() as http:
+        for url, bearer, status, reason in cases:
+            headers = {"Authorization": bearer} if bearer else {}
+            async with http.get(url.replace("ws://", "http://"), headers=headers) as r:
+                body = await r.json()
+                assert (r.status, reason in body["error"]) == (status, True), (url, body)
+    status, _ = await refused(nodes.strict.ws_url)  # the upgrade itself still needs the Origin
+    assert status == 403
+
+
 # --- 4. policy -----------------------------------------------------------------------------
 
 

@@ -8,11 +8,14 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 
+from tests.cluster.conftest import Cluster
 from tests.cluster.wsclient import WS
 from tests.e2e.conftest import artifacts_dir
 from tests.e2e.pages import (
@@ -240,10 +243,19 @@ def token(sub: str, ttl: float = 600) -> str:
     return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl}, SECRET, algorithm="HS256")
 
 
-async def test_page_on_a_jwt_cluster(
-    valkey: Any, make_cluster: Any, browser: Any, unique: str
-) -> None:
-    cluster = make_cluster(valkey.url, 1, ["--jwt-secret", SECRET])
+@pytest.fixture
+def jwt_cluster(valkey: Any, tmp_path: Path) -> Iterator[Cluster]:
+    """One node as production runs it: JWT, and only its own page's origin allowed."""
+    cluster = Cluster(valkey.url, 1, tmp_path, ["--jwt-secret", SECRET])
+    node = cluster.nodes[0]
+    node.args = [*node.args, "--allowed-origins", node.http_url]
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+async def test_page_on_a_jwt_cluster(jwt_cluster: Cluster, browser: Any, unique: str) -> None:
+    cluster = jwt_cluster
     base = cluster.nodes[0].http_url + "/"
     # no token: the page says that this cluster needs one (it does not retry for minutes)
     p = await new_page(browser, base)

@@ -99,6 +99,10 @@ class PublicServer:
             if status is not None:
                 return _refuse(node, status, "node is full or draining, try another node")
             _, _, query = request.path.partition(b"?")
+            if "websocket" not in request.headers.get("Upgrade", "").lower():
+                diagnosis = node.gate.diagnose(query.decode("latin-1"), request.headers)
+                body = msgspec.json.encode({"error": diagnosis.reason})
+                return _plain(diagnosis.status, body, "application/json")
             verdict = node.gate.check(
                 "/ws", query.decode("latin-1"), request.headers
             )
