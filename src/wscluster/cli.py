@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(u, "jwt-public-key", None, help="RS256/ES256 tokens for clients")
     _add(u, "allowed-origins", None, help="comma-separated origins allowed to connect")
     _add(u, "api-key", None, help="key required by every node's /api/")
+    _add(u, "nginx", 0, int, help="also run nginx (nginx-conf's config) in front, on this port")
     _add(u, "log-level", "INFO")
 
     for name, helptext in (("send", "push a message to an address"),

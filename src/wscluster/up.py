@@ -20,6 +20,7 @@ from .embedded import (
     EmbeddedRedisError,
     die_with_parent,
 )
+from .localnginx import LocalNginx
 
 log = logging.getLogger("wscluster.up")
 
@@ -92,6 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             server.cleanup()
         return 1
     procs: list[subprocess.Popen[bytes]] = []
+    front: LocalNginx | None = None
     stopping = False
 
     def stop(*_: object) -> None:
@@ -118,6 +120,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             if not _wait_healthy(health, proc, 15):
                 print(f"wscluster up: node {i} did not become healthy", file=sys.stderr)
                 return 1
+        if args.nginx:
+            upstreams = [f"{args.host}:{args.base_port + i}" for i in range(1, args.nodes + 1)]
+            front = LocalNginx(args.host, args.nginx, upstreams, ping_interval=25.0)
+            try:
+                front.start()
+            except (RuntimeError, OSError, ValueError) as exc:
+                print(f"wscluster up: --nginx: {exc}", file=sys.stderr)
+                return 1
         _banner(args, broker, presence)
         reported: set[int] = set()
         while not stopping and any(p.poll() is None for p in procs):
@@ -129,6 +139,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0 if stopping else 1
     finally:
+        if front is not None:
+            front.stop()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -165,8 +177,14 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         try_it.append(f"    (application {args.app} on every node)")
     elif not (args.jwt_secret or args.jwt_public_key):
         try_it.append('    then type: {"type": "login", "uid": "alice"}')
+    if args.nginx:
+        front = f"http://{args.host}:{args.nginx}"
+        lines += ["", f"  nginx: {front}/ (any node; WebSockets at /ws), node i pinned at "
+                      f"{front}/n/<i>/"]  # fmt: skip
     if not (args.jwt_secret or args.jwt_public_key) and args.app is None:
         pages = [f"http://{args.host}:{args.base_port + i}/" for i in (1, min(2, args.nodes))]
+        if args.nginx:
+            pages = [f"http://{args.host}:{args.nginx}/n/{i}/" for i in (1, min(2, args.nodes))]
         lines += ["", f"Chat page: open {pages[0]} and {pages[-1]} in two tabs,",
                   "  pick two names, and chat across nodes."]  # fmt: skip
     lines += [

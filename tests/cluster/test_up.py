@@ -173,3 +173,49 @@ async def test_up_with_jwt_authenticates_every_node() -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert bad.returncode == 2 and "32 bytes" in bad.stderr
+
+
+async def test_up_with_nginx_in_front() -> None:
+    """`wscluster up --nginx PORT`: the classic setup (nginx + nodes) in one command; pinned
+    pages reach their node, and Ctrl-C stops nginx too."""
+    import aiohttp
+
+    from wscluster.embedded import free_port
+    from wscluster.localnginx import nginx_binary
+
+    from ..conftest import skip_or_fail
+
+    if nginx_binary() is None:
+        skip_or_fail("nginx is not installed (apt-get install nginx)")
+    base, front = random.randrange(20000, 31000, 10), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wscluster", "up", "--nodes", "2", "--base-port", str(base),
+         "--nginx", str(front)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        banner = await _banner(proc)
+        url = f"http://127.0.0.1:{front}"
+        assert f"open {url}/n/1/ and {url}/n/2/ in two tabs" in banner
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/nodes.json") as r:
+            assert [n["path"] for n in (await r.json())["nodes"]] == ["/n/1/", "/n/2/"]
+        a = await WS.open(f"ws://127.0.0.1:{front}/n/1/ws", "alice")
+        b = await WS.open(f"ws://127.0.0.1:{front}/n/2/ws", "bob")
+        assert a.welcome["node"].startswith("node1-") and b.welcome["node"].startswith("node2-")
+        await b.ok({"type": "send", "to": "uid:alice", "data": "through nginx"})
+        assert (await a.next(type="message"))["data"] == "through nginx"
+        await a.close()
+        await b.close()
+        family = _children(proc.pid)
+        assert any(b"nginx" in _cmdline(p) for p in family)
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in family):
+            assert time.monotonic() < deadline, "processes left behind by `up --nginx`"
+            await asyncio.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()

@@ -109,7 +109,7 @@ function open(c) {
 }
 
 function toast(text) {
-  $("toast").textContent = text.length > 300 ? text.slice(0, 300) + "…" : text;
+  $("toast").textContent = text.length > 160 ? text.slice(0, 160) + "…" : text;
   $("toast").hidden = false;
   clearTimeout(toastTimer);
   toastTimer = setTimeout(() => { $("toast").hidden = true; }, 6000);
