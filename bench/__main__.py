@@ -99,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
                     help="CPUs for load processes, e.g. 2,3; auto: upper half on >=4 CPUs")
     ld.add_argument("--server-cpus", default="auto",
                     help="CPUs for servers and valkey; auto: lower half on >=4 CPUs")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each scenario this many times (systems alternating) and report "
+                         "the median of each figure, with its min-max in the JSON (1)")  # fmt: skip
     o = ap.add_argument_group("output")
     o.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes")
     o.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.repeat < 1:
+        parser().error("--repeat must be at least 1")
     bad = [s for s in args.scenarios if s not in SCENARIOS and s != "all"]
     if bad:
         parser().error(f"unknown scenario {bad[0]!r}: choose from {', '.join(SCENARIOS)}")
@@ -160,20 +165,27 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     for scenario in scenarios:
-        for system in systems():
-            if scenario not in system.scenarios:
-                continue
-            try:
-                system.start()
-                result = run_scenario(scenario, system, args)
-            except Exception as exc:
-                result = {"scenario": scenario, "system": system.name, "error": repr(exc)}
-                print(f"{scenario} {system.name}: FAILED {exc!r}", file=sys.stderr, flush=True)
-            finally:
-                system.stop()
-            results.append(result)
-            short = {k: v for k, v in result.items() if k not in ("timeline", "cdf")}
-            print(json.dumps(short), flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_ in range(args.repeat):  # systems alternate within a round: same noise
+            for system in systems():
+                if scenario not in system.scenarios:
+                    continue
+                try:
+                    system.start()
+                    result = run_scenario(scenario, system, args)
+                except Exception as exc:
+                    result = {"scenario": scenario, "system": system.name, "error": repr(exc)}
+                    print(f"{scenario} {system.name}: FAILED {exc!r}", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                finally:
+                    system.stop()
+                result["round"] = round_ + 1
+                runs.setdefault(system.name, []).append(result)
+                short = {k: v for k, v in result.items() if k not in ("timeline", "cdf")}
+                print(json.dumps(short), flush=True)
+        for done in runs.values():
+            failed = [r for r in done if "error" in r]
+            results.append(failed[0] if failed else report.median_of(done))
 
     rows = report.table([r for r in results if "error" not in r])
     print()
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "window": args.windows,
         "load_procs": args.load_procs, "send_procs": args.send_procs,
         "load_cpus": args.load_cpus, "server_cpus": args.server_cpus, "fd_limit": hard,
+        "repeat": args.repeat,
     })  # fmt: skip
     path = report.write(args.results_dir, {"meta": info, "results": results,
                                            "table": rows})  # fmt: skip

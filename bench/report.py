@@ -54,6 +54,48 @@ def pick(result: dict[str, Any], path: str) -> Any:
     return value
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs of the same scenario and system: every number is the
+    median of that number over the runs (each taken alone: a median row may mix runs);
+    anything else, and anything missing from some run, comes from the first run. The runs
+    themselves are kept under ``runs``, and the spread of each table figure under
+    ``spread`` (path -> [min, max])."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = _median_tree(runs)
+    for curve in ("timeline", "cdf"):  # the chart draws the first run's curves
+        if curve in runs[0]:
+            merged[curve] = runs[0][curve]
+    merged["runs"] = [{k: v for k, v in r.items() if k not in ("timeline", "cdf")} for r in runs]
+    spread: dict[str, list[float]] = {}
+    for path, _label, _better in FIGURES.get(runs[0].get("scenario", ""), []):
+        vals = [v for v in (pick(r, path) for r in runs) if _number(v)]
+        if vals:
+            spread[path] = [min(vals), max(vals)]
+    merged["spread"] = spread
+    return merged
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _median_tree(values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) for v in values):
+            return first
+        return {k: _median_tree([v[k] for v in values]) if all(k in v for v in values) else x
+                for k, x in first.items() if k not in ("timeline", "cdf", "runs", "spread")}
+    if _number(first) and all(_number(v) for v in values):
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[mid]
+        return (ordered[mid - 1] + ordered[mid]) / 2
+    return first
+
+
 def ratio(mine: Any, theirs: Any, better: str) -> str:
     if not isinstance(mine, int | float) or not isinstance(theirs, int | float):
         return "-"

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_fanout_quick(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench", "fanout", "--quick", "--members", "200", "--duration",
-           "1", "--flat", "1", "--no-chart", "--results-dir", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+           "1", "--flat", "1", "--repeat", "2", "--no-chart",
+           "--results-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     [path] = tmp_path.glob("*.json")
     doc = json.loads(path.read_text())
@@ -26,6 +27,9 @@ def test_bench_fanout_quick(tmp_path: Path) -> None:
         assert result[phase]["lost"] == 0, result[phase]
     assert result["lost"] == 0
     assert result["crashed"] == []
+    assert [r["round"] for r in result["runs"]] == [1, 2]  # --repeat 2: the median of two
+    low, high = result["spread"]["fixed_rate.deliveries_per_s"]
+    assert low <= result["fixed_rate"]["deliveries_per_s"] <= high
     assert not list(tmp_path.glob("*.png"))  # --no-chart
 
 
