@@ -32,7 +32,7 @@ from .presence.base import ConnInfo
 from .registry import Registry
 from .routing import Address, Kind, parse_address
 from .subscriptions import Subscriptions
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, quietly
 
 log = logging.getLogger("wscluster.node")
 
@@ -172,7 +172,7 @@ class Node:
         self.metrics.connections.set(len(self.registry))
         self.metrics.connects.inc()
         add = self.presence.add(self.node_id, ConnInfo(conn.cid))
-        self.spawn(self._quiet(self.presence_write(add)))
+        self.spawn(quietly(self.presence_write(add)))
         self.admission.open(conn)
 
     def on_text(self, conn: Connection, payload: bytes) -> None:
@@ -196,7 +196,7 @@ class Node:
         remove = self.presence.remove(self.node_id, conn.cid, entry.uid, entry.groups)
         runner = self.app_runner
         if runner is None or runner.app.close_hook is None:
-            self.spawn(self._quiet(self.presence_write(remove)))
+            self.spawn(quietly(self.presence_write(remove)))
             return
 
         async def closed() -> None:  # read the session before the record goes
@@ -207,7 +207,7 @@ class Node:
             except (PresenceUnavailable, TimeoutError):
                 session = None
             runner.closed(conn, entry.uid, entry.groups, session or {})
-            await self._quiet(self.presence_write(remove))
+            await quietly(self.presence_write(remove))
 
         self.spawn(closed())
 
@@ -220,10 +220,9 @@ class Node:
 
     # --- presence ----------------------------------------------------------------------
     def presence_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Start a presence write now. Writes reach the store in the order they are started
-        (each task's first step queues its write), however late their callers await them:
-        a ``join`` then ``leave`` read in one go must never be written as leave, join. A
-        failure marks the mirror dirty (full resync later) and raises to whoever awaits."""
+        """Start a presence write now, so writes reach the store in call order however late
+        they are awaited (a join then leave read in one go is never written leave, join).
+        A failure marks the mirror dirty (full resync later) and raises to whoever awaits."""
         task = asyncio.ensure_future(self._presence_write(write))
         task.add_done_callback(_ignore_failure)
         return task
@@ -234,13 +233,6 @@ class Node:
         except (PresenceUnavailable, TimeoutError) as exc:
             self._presence_dirty = True
             raise PresenceUnavailable(str(exc)) from None
-
-    @staticmethod
-    async def _quiet(write: Awaitable[None]) -> None:
-        try:
-            await write
-        except PresenceUnavailable:
-            pass  # marked dirty: the heartbeat resyncs
 
     def watch_presence(self, cid: str, group: str) -> None:
         self._watchers.setdefault(group, set()).add(cid)

@@ -12,7 +12,6 @@ local change is their barrier).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .registry import Entry, Interest
+from .tasks import quietly
 
 if TYPE_CHECKING:
     from .node import Node
@@ -117,7 +117,7 @@ class Ops:
         """leave/unbind: the local change is the barrier and they always succeed; the
         presence write starts now (in order with the others), is awaited (so queries see
         it) and is repaired by a resync if it fails."""
-        return _quietly(self.node.presence_write(write))
+        return quietly(self.node.presence_write(write))
 
     async def _barrier(
         self, waits: Sequence[Awaitable[None]], rollback: Callable[[], None] | None
@@ -143,7 +143,3 @@ class Ops:
 async def _done() -> None:
     return None
 
-
-async def _quietly(write: Awaitable[None]) -> None:
-    with contextlib.suppress(PresenceUnavailable):
-        await write
