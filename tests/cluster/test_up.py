@@ -52,6 +52,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _ctrl_c_stops_everything(proc: subprocess.Popen[str], family: set[int]) -> None:
+    """SIGINT (Ctrl-C) to `up`: it exits 0 and leaves none of its processes behind."""
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in family):
+        assert time.monotonic() < deadline, "processes left behind by `up`"
+        await asyncio.sleep(0.1)
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    if proc.stdout:
+        proc.stdout.close()
+
+
 async def _banner(proc: subprocess.Popen[str]) -> str:
     """What `up` prints until it is ready (the banner ends with the Ctrl-C line)."""
     assert proc.stdout is not None
@@ -94,17 +111,9 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
         await b.close()
         family = _children(proc.pid)
         assert len(family) >= 3  # broker (+ presence store) + 2 nodes
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in family):
-            assert time.monotonic() < deadline, "processes left behind by `up`"
-            await asyncio.sleep(0.1)
+        await _ctrl_c_stops_everything(proc, family)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+        _reap(proc)
 
 
 async def test_up_with_an_app_runs_it_on_every_node() -> None:
@@ -208,14 +217,6 @@ async def test_up_with_nginx_in_front() -> None:
         await b.close()
         family = _children(proc.pid)
         assert any(b"nginx" in _cmdline(p) for p in family)
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in family):
-            assert time.monotonic() < deadline, "processes left behind by `up --nginx`"
-            await asyncio.sleep(0.1)
+        await _ctrl_c_stops_everything(proc, family)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+        _reap(proc)
