@@ -199,6 +199,15 @@ async def test_reload_rename_leave(cluster: Any, browser: Any, unique: str) -> N
     await logged_in(p, second)  # not the ?name= the page was first opened with
     await expect(conv_item(p, f"room:{r3}")).to_have_count(1, timeout=WAIT)
     await expect(conv_item(p, f"room:{r2}")).to_have_count(0)
+
+    # switch to another node's own port (another origin): name and rooms go along in the URL
+    target = f"{cluster.nodes[2].http_url}/"
+    await expect(p.locator(f'#node-select option[value="{target}"]')).to_have_count(1, timeout=WAIT)
+    await p.select_option("#node-select", target)
+    await expect(p.locator("#node")).to_have_text(re.compile("^node2-"), timeout=WAIT)
+    await logged_in(p, second)
+    await expect(conv_item(p, f"room:{r3}")).to_have_count(1, timeout=WAIT)
+    assert p.url == target  # ?name= and ?rooms= are taken out of the address
     assert p.errors == q.errors == []
 
 

@@ -10,14 +10,15 @@ const LOBBY = "lobby"; // every user joins it with presence: its members are "on
 const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
 const REFRESH_MS = [300, 2500]; // presence is re-read after an event: the store may lag a heartbeat
 
-// ?name= (the node chooser passes it on) and ?token= (a JWT, for a cluster that needs one) are
-// kept in sessionStorage and taken out of the address bar, so a reload uses the latest name.
+// ?name= and ?rooms= (the node chooser passes them to another origin) and ?token= (a JWT) go to
+// sessionStorage and out of the address bar, so a reload uses the latest name.
 const params = new URLSearchParams(location.search);
 const token = params.get("token") || sessionStorage.getItem("wscluster.token");
 const givenName = params.get("name") || sessionStorage.getItem("wscluster.name");
 if (params.get("token")) sessionStorage.setItem("wscluster.token", token);
-if (params.has("token") || params.has("name")) {
-  ["token", "name"].forEach((p) => params.delete(p));
+if (params.get("rooms")) sessionStorage.setItem("wscluster.rooms", params.get("rooms"));
+if (["token", "name", "rooms"].some((p) => params.has(p))) {
+  ["token", "name", "rooms"].forEach((p) => params.delete(p));
   const rest = params.toString();
   history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
 }
@@ -36,7 +37,7 @@ let byToken = false; // me comes from the token (the welcome), not from a login 
 let welcomed = false, lostNoted = false; // a welcome since the last drop; its loss was noted
 let refused = null; // why the cluster refused this page (it needs a token), once known
 const loadNodes = nodeChooser({
-  client, base, own, wsScheme, auth, token, identity: () => ({ me, byToken }),
+  client, base, own, wsScheme, auth, token, identity: () => ({ me, byToken }), rooms: () => savedRooms(),
 });
 
 // --- rendering --------------------------------------------------------------------------

@@ -4,12 +4,28 @@ import { $, el } from "./view.js";
 
 /**
  * Keep the chooser (and, on a node's own page, the client's fallback URLs) up to date.
- * ctx: {client, base, own, wsScheme, auth, token, identity: () => ({me, byToken})}.
+ * ctx: {client, base, own, wsScheme, auth, token, identity: () => ({me, byToken}),
+ *   rooms: () => [joined room names]}.
  * @returns {() => Promise<void>} read the list again now
  */
 export function nodeChooser(ctx) {
   const { client, base, own, wsScheme, auth, token } = ctx;
-  $("node-select").onchange = (ev) => { if (ev.target.value) location.href = ev.target.value; };
+  $("node-select").onchange = (ev) => {
+    const opt = ev.target.selectedOptions[0];
+    if (!opt || !opt.value) return;
+    // another origin has its own sessionStorage: what this tab knows goes in the URL
+    location.href = opt.value + (opt.dataset.cross ? carried() : "");
+  };
+
+  function carried() {
+    const { me, byToken } = ctx.identity();
+    const carry = new URLSearchParams();
+    if (me && !byToken) carry.set("name", me);
+    if (token) carry.set("token", token);
+    const rooms = ctx.rooms();
+    if (rooms.length) carry.set("rooms", JSON.stringify(rooms));
+    return carry.toString() ? "?" + carry : "";
+  }
   // Read again every 30 s; every 3 s at first while a node lists only itself (it may lag).
   let nodesShown = "", nodesTimer = 0, nodesTries = 0;
   async function loadNodes() {
@@ -26,18 +42,15 @@ export function nodeChooser(ctx) {
     if (!Array.isArray(list) || JSON.stringify([me, list]) === nodesShown) return;
     nodesShown = JSON.stringify([me, list]);
     const options = [];
-    const carry = new URLSearchParams();
-    if (me && !byToken) carry.set("name", me);
-    if (token) carry.set("token", token);
-    const query = carry.toString() ? "?" + carry : "";
     if (list.some((n) => n.path)) options.push({ label: "any node", href: "/", here: base === "/" });
     const others = [];
     for (const n of list) {
       if (typeof n.path === "string") { // same origin: sessionStorage carries the name and rooms
         options.push({ label: String(n.label), href: n.path, here: base === n.path });
-      } else if (Number.isInteger(n.port)) { // another origin: the name (and token) go in the URL
+      } else if (Number.isInteger(n.port)) { // another origin: name, rooms, token go in the URL
         const here = String(n.port) === location.port;
-        options.push({ label: String(n.label), href: `${location.protocol}//${location.hostname}:${n.port}/${query}`, here });
+        const href = `${location.protocol}//${location.hostname}:${n.port}/`;
+        options.push({ label: String(n.label), href, here, cross: true });
         if (!here) others.push(`${wsScheme}//${location.hostname}:${n.port}/ws${auth}`);
       }
     }
@@ -46,6 +59,7 @@ export function nodeChooser(ctx) {
       const opt = el("option", "", o.here ? o.label + " (this page)" : o.label);
       opt.value = o.href;
       opt.selected = o.here;
+      if (o.cross) opt.dataset.cross = "1";
       return opt;
     }));
   }
