@@ -49,6 +49,12 @@ async def test_chat_across_nodes_behind_nginx(
     await send(b, "hello alice, from node 2")
     await open_conv(a, f"dm:{bob}")
     await expect(messages(a).last).to_contain_text("hello alice, from node 2", timeout=WAIT)
+    # a user typed in by name (not from the online list) gets it on every device
+    await a.fill("#dm-name", bob)
+    await a.press("#dm-name", "Enter")
+    await expect(a.locator("#convs li.active")).to_have_attribute("data-conv", f"dm:{bob}")
+    await send(a, "typed the name")
+    await expect(messages(b).filter(has_text="typed the name")).to_have_count(1, timeout=WAIT)
 
     # a room on both nodes
     room = f"room{unique}"

@@ -362,6 +362,14 @@ $("join-form").onsubmit = async (ev) => {
   }
 };
 
+$("dm-form").onsubmit = (ev) => { // anyone, online or not (what they miss is not kept)
+  ev.preventDefault();
+  const name = $("dm-name").value.trim();
+  if (!name) return;
+  $("dm-name").value = "";
+  open(conv("dm:" + name, "dm", name));
+};
+
 $("leave-btn").onclick = async () => {
   const c = current;
   if (!c || c.kind !== "room" || c.name === LOBBY) return;
