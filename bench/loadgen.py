@@ -155,16 +155,22 @@ class Worker:
                 return c
         return None
 
+    def _send_one(self, senders: list[Client], phase: int) -> bool:
+        """The next message from the next open sender; False when none is left."""
+        c = self._next(senders)
+        if c is None:
+            return False
+        self.seq += 1
+        c.send_data(self.seq, phase)
+        return True
+
     async def _fixed(self, senders: list[Client], phase: int, rate: float, duration: float) -> int:
         total, sent, start = int(rate * duration), 0, time.time()
         while sent < total:
             due = min(total, int((time.time() - start) * rate) + 1)
             while sent < due:
-                c = self._next(senders)
-                if c is None:
+                if not self._send_one(senders, phase):
                     return sent
-                self.seq += 1
-                c.send_data(self.seq, phase)
                 sent += 1
             await asyncio.sleep(max(0.0, start + sent / rate - time.time()))
         return sent
@@ -178,11 +184,8 @@ class Worker:
         try:
             while time.time() < end:
                 while s.inflight < window:
-                    c = self._next(senders)
-                    if c is None:
+                    if not self._send_one(senders, phase):
                         return sent
-                    self.seq += 1
-                    c.send_data(self.seq, phase)
                     sent += 1
                 wake.clear()
                 await wake.wait()
