@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "transport", "asyncio", choices=["asyncio", "aiofastnet"],
          help="socket transport of the public port (measured: see docs/performance.md)")
     _add(s, "log-level", "INFO")
+    _multi(s, "history", "PATTERN=N/Ts: keep the last N messages of matching streams for T "
+           "seconds, e.g. 'group:room:*=1000/300s' (repeatable)")
+    _add(s, "max-replay", d.max_replay, int, help="messages replayed per stream per resume")
+    _add(s, "check-interval", d.check_interval, float,
+         help="seconds between history position checks and broker liveness probes")
+    _multi(s, "outbox-policy", "PATTERN=close|drop-oldest: what a full outbox does to "
+           "messages of matching streams (repeatable; default close, with 1013)")
 
     u = sub.add_parser("up", help="start a local cluster: a broker and N nodes")
     _add(u, "nodes", 3, int)
@@ -124,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _multi(p: argparse.ArgumentParser, name: str, helptext: str) -> None:
+    """A repeatable option; its environment variable takes comma-separated values."""
+    env = _env(name, "")
+    default = tuple(v.strip() for v in env.split(",") if v.strip()) if env else ()
+    p.add_argument(f"--{name}", action="append", default=None, help=helptext)
+    p.set_defaults(**{name.replace("-", "_") + "_env": default})
+
+
 def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type from a parser raising ValueError, keeping its message."""
 
@@ -147,6 +162,10 @@ def _setup_logging(level: str) -> None:
 def node_config(args: argparse.Namespace) -> NodeConfig:
     names = {f.name for f in fields(NodeConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for multi in ("history", "outbox_policy"):
+        if multi in names and hasattr(args, multi + "_env"):
+            given = getattr(args, multi)
+            values[multi] = tuple(given) if given is not None else getattr(args, multi + "_env")
     return NodeConfig(**values)
 
 

@@ -46,6 +46,10 @@ class NodeConfig:
     drain_batch: int = 500  # connections closed with 1012 per drain step
     request_timeout: float = 5.0  # broker/presence waits behind an ack
     transport: str = "asyncio"  # or "aiofastnet"
+    history: tuple[str, ...] = ()  # PATTERN=N/Ts rules (history.py)
+    max_replay: int = 1000  # messages replayed per stream per resume
+    check_interval: float = 5.0  # seconds: history position check and broker liveness probe
+    outbox_policy: tuple[str, ...] = ()  # PATTERN=close|drop-oldest rules (outbox.py)
 
     @property
     def effective_api_port(self) -> int:
