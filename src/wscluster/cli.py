@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(u, "allowed-origins", None, help="comma-separated origins allowed to connect")
     _add(u, "api-key", None, help="key required by every node's /api/")
     _add(u, "nginx", 0, int, help="also run nginx (nginx-conf's config) in front, on this port")
+    _multi(u, "history", "PATTERN=N/Ts history rules for every node (default with Redis: "
+           "'group:*=1000/600s' and 'uid:*=1000/3600s'; 'none' for no history)")
     _add(u, "log-level", "INFO")
 
     for name, helptext in (("send", "push a message to an address"),
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--to", default=to, required=to is None,
                            help="client:<id> | uid:<uid> | group:<g> | all")  # fmt: skip
             c.add_argument("data", help="JSON value (text that is not JSON is sent as a string)")
+            _multi(c, "history", "the nodes' --history rules (so the message gets an offset)")
 
     g = sub.add_parser("nginx-conf", help="print an nginx config for the nodes (conf.d snippet)")
     g.add_argument("--upstream", action="extend", type=_checked(nginx.parse_upstreams),
@@ -212,7 +215,11 @@ def load_app_spec(spec: str | None) -> App | None:
 def _cluster(args: argparse.Namespace) -> Cluster:
     from .cluster import Cluster
 
-    return Cluster(args.broker, namespace=args.namespace, presence_url=args.presence)
+    history: tuple[str, ...] = tuple(
+        getattr(args, "history", None) or getattr(args, "history_env", None) or ()
+    )
+    return Cluster(args.broker, namespace=args.namespace, presence_url=args.presence,
+                   history=history)  # fmt: skip
 
 
 async def _send(args: argparse.Namespace) -> int:

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import msgspec
 
 from . import envelope
 from .broker import create_broker
-from .broker.base import Broker
+from .broker.base import Broker, HistoryBroker
 from .control import ControlClient
 from .errors import Code, ProtocolError, bad_request
+from .history import Rules
 from .naming import Names, node_of_client
 from .presence import create_presence
 from .presence.base import NodeInfo, Presence
-from .routing import Kind, channel_for, check_name, parse_address
+from .routing import Address, Kind, channel_for, check_name, parse_address
 
 T = TypeVar("T")
 KICK = 4001
@@ -39,9 +40,13 @@ class Cluster:
         max_message_size: int = 64 * 1024,
         max_session_size: int = 16 * 1024,
         timeout: float = 5.0,
+        history: Sequence[str] = (),
     ) -> None:
+        """``history``: the nodes' ``--history`` rules, so that messages sent from here to
+        those streams get offsets and are kept (they must be the same everywhere)."""
         self.names = Names(namespace)
         self.broker: Broker = create_broker(broker_url)
+        self.history = _history_rules(self.broker, history)
         presence_url = presence_url or broker_url
         if not presence_url.startswith(("redis", "unix", "memory")):
             raise ValueError("the presence store needs Redis: pass presence_url='redis://…'")
@@ -56,12 +61,13 @@ class Cluster:
     @classmethod
     def attach(
         cls, broker: Broker, presence: Presence, names: Names, *, max_message_size: int,
-        max_session_size: int, timeout: float,
+        max_session_size: int, timeout: float, history: Sequence[str] = (),
     ) -> Cluster:  # fmt: skip
         """A Cluster that shares a running node's broker and presence connections (the node
         passes control replies to ``control.on_reply``)."""
         self = cls.__new__(cls)
         self.names, self.broker, self.presence = names, broker, presence
+        self.history = _history_rules(broker, history)
         self.max_message_size, self.max_session_size = max_message_size, max_session_size
         self.control = ControlClient(broker, names, timeout)
         self._owned, self._started, self._lock = False, True, asyncio.Lock()
@@ -113,8 +119,7 @@ class Cluster:
         if len(data) > self.max_message_size:
             raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
         frame = envelope.message_frame(address, msgspec.Raw(data), None)
-        payload = envelope.deliver(address, frame, exclude=_ids(exclude))
-        await self._publish(channel_for(self.names, address), payload)
+        await self._deliver(address, envelope.deliver(address, frame, exclude=_ids(exclude)))
 
     async def send_verbatim(
         self, to: str, payload: bytes, *, binary: bool = False, exclude: Iterable[str] = ()
@@ -126,8 +131,9 @@ class Cluster:
             raise bad_request("a verbatim payload is bytes")
         if len(payload) > self.max_message_size:
             raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
-        env = envelope.deliver(address, payload, exclude=_ids(exclude), binary=binary)
-        await self._publish(channel_for(self.names, address), env)
+        await self._deliver(
+            address, envelope.deliver(address, payload, exclude=_ids(exclude), binary=binary)
+        )
 
     async def close(self, to: str, code: int = KICK) -> None:
         """Close the connections of a ``client:`` or ``uid:`` address (default 4001)."""
@@ -141,6 +147,24 @@ class Cluster:
     async def _publish(self, channel: str, payload: bytes) -> None:
         await self.start()
         await self.broker.publish(channel, payload)
+
+    async def _deliver(self, address: Address, payload: bytes) -> None:
+        await self.start()
+        await self.publish_nowait(address, payload)
+
+    def publish_nowait(self, address: Address, payload: bytes) -> asyncio.Future[Any]:
+        """Publish a DELIVER envelope to an address: through the history store when a
+        ``history`` rule matches it (the message gets an offset), in publish order."""
+        channel = channel_for(self.names, address)
+        rule = self.history.match(str(address)) if self.history else None
+        if rule is None:
+            return self.broker.publish_nowait(channel, payload)
+        stream = str(address)
+        broker = cast(HistoryBroker, self.broker)
+        return broker.append_nowait(
+            channel, self.names.history_meta_key(stream), self.names.history_key(stream),
+            payload, rule.keep, rule.ttl_ms, rule.meta_ttl_ms,
+        )  # fmt: skip
 
     # --- a connection's uid and groups, from any process -----------------------------
     async def bind_uid(self, client_id: str, uid: str) -> bool:
@@ -309,3 +333,10 @@ class SyncCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _history_rules(broker: Broker, specs: Sequence[str]) -> Rules:
+    rules = Rules(tuple(specs))
+    if rules and not hasattr(broker, "append_nowait"):
+        raise ValueError("history (--history) needs a Redis broker")
+    return rules

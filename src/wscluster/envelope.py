@@ -24,6 +24,7 @@ class Op(IntEnum):
     PRESENCE = 3  # push payload to the members of group `to` that watch presence
     CONTROL = 4  # apply a ControlRequest (payload) to the connection `client:<id>` in `to`
     REPLY = 5  # the ControlReply (payload) to a CONTROL; `to` is the asker's reply channel
+    PROBE = 6  # a node's liveness probe to itself; `to` is its token
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -141,3 +142,7 @@ def decode(raw: bytes) -> Envelope:
     if env.v != VERSION:
         raise EnvelopeError(f"unsupported envelope version {env.v}")
     return env
+
+
+def probe(token: str) -> bytes:
+    return _envelope_encoder.encode(Envelope(VERSION, Op.PROBE, token))

@@ -13,7 +13,9 @@ from .errors import Code, ProtocolError, bad_request
 from .routing import Address, Kind, check_name, parse_address
 
 MAX_ID_LEN = 64
-CORE_TYPES = frozenset({"login", "logout", "join", "leave", "send", "presence", "ping"})
+CORE_TYPES = frozenset({"login", "logout", "join", "leave", "send", "presence", "ping", "resume"})
+MAX_RESUME_STREAMS = 10_001  # the node's own bound (max groups per connection + 1) is lower
+MAX_EPOCH = 64
 
 FrameId = int | str | None
 
@@ -29,6 +31,7 @@ class RawFrame(msgspec.Struct):
     token: Any = None
     group: Any = None
     presence: Any = None
+    streams: Any = None
 
 
 _decoder = msgspec.json.Decoder(RawFrame)
@@ -52,6 +55,8 @@ class Command:
     raw: RawFrame
     address: Address | None = None  # send / presence
     name: str | None = None  # login uid / join+leave group
+    positions: dict[str, tuple[str, int]] | None = None  # resume: stream -> (epoch, offset)
+    watch: frozenset[str] = frozenset()  # resume: groups joined with presence events
 
 
 def _check_id(value: Any) -> FrameId:
@@ -111,11 +116,42 @@ def _validate(raw: RawFrame, frame_id: FrameId) -> Command:
                 raise bad_request("'token' must be a non-empty string")
         else:
             cmd.name = check_name(raw.uid, "uid")
+    elif kind == "resume":
+        cmd.positions = _positions(raw.streams)
+        watch = raw.presence if raw.presence is not None else []
+        if not isinstance(watch, list) or not all(
+            isinstance(w, str) and w.startswith("group:") and w in cmd.positions for w in watch
+        ):
+            raise bad_request("'presence' must be a list of group streams of 'streams'")
+        cmd.watch = frozenset(watch)
     elif kind == "presence":
         cmd.address = parse_address(raw.to)
         if cmd.address.kind not in (Kind.UID, Kind.GROUP):
             raise bad_request("'presence' takes a uid: or group: address")
     return cmd
+
+
+def _positions(streams: Any) -> dict[str, tuple[str, int]]:
+    if not isinstance(streams, dict) or not streams:
+        raise bad_request("'streams' must be an object of stream: [epoch, offset]")
+    if len(streams) > MAX_RESUME_STREAMS:
+        raise bad_request(f"at most {MAX_RESUME_STREAMS} streams")
+    out: dict[str, tuple[str, int]] = {}
+    for stream, position in streams.items():
+        address = parse_address(stream)
+        if address.kind not in (Kind.UID, Kind.GROUP):
+            raise bad_request("resume takes uid: and group: streams")
+        if not isinstance(position, list) or len(position) != 2:
+            raise bad_request("a position is [epoch, offset]")
+        epoch, offset = position
+        if epoch is None:
+            epoch = ""
+        if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH:
+            raise bad_request(f"an epoch is a string of at most {MAX_EPOCH} characters or null")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**53:
+            raise bad_request("an offset is an integer >= 0")
+        out[str(address)] = (epoch, offset)
+    return out
 
 
 # --- server -> client ------------------------------------------------------------------

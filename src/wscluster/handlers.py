@@ -15,7 +15,8 @@ from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .policy import Action
 from .registry import Entry
-from .routing import Kind, channel_for
+from .resume import Resume
+from .routing import Kind
 
 if TYPE_CHECKING:
     from .node import Node
@@ -36,6 +37,7 @@ class Handlers:
             "join": self.join,
             "leave": self.leave,
             "presence": self.presence,
+            "resume": Resume(node, self).handle,
         }
 
     def handle(self, conn: Connection, payload: bytes) -> None:
@@ -106,9 +108,7 @@ class Handlers:
         if node.broker.pending_bytes > node.config.max_publish_queue:
             raise ProtocolError(Code.RATE_LIMITED, "node overloaded, slow down")
         frame = envelope.message_frame(to, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
-        fut = node.broker.publish_nowait(
-            channel_for(node.names, address), envelope.deliver(to, frame)
-        )
+        fut = node.cluster.publish_nowait(address, envelope.deliver(to, frame))
         conn.sending()
         frame_id = cmd.id
 
@@ -151,7 +151,7 @@ class Handlers:
                 await node.admission.enforce_limit(conn, uid, old)
             if claims is not None:
                 node.admission.apply_claims(conn, claims.raw)
-            return {"uid": uid}
+            return {"uid": uid, **await self.position(f"uid:{uid}")}
 
         self.reply(conn, cmd.id, run())
 
@@ -162,7 +162,13 @@ class Handlers:
         group = cmd.name
         assert group is not None
         self.allow(conn, Action.JOIN, f"group:{group}")
-        self.reply(conn, cmd.id, _empty(self.ops.join(conn, group, bool(cmd.raw.presence))))
+        barrier = self.ops.join(conn, group, bool(cmd.raw.presence))
+
+        async def run() -> dict[str, Any]:
+            await barrier
+            return await self.position(f"group:{group}")
+
+        self.reply(conn, cmd.id, run())
 
     def leave(self, conn: Connection, cmd: frames.Command) -> None:
         assert cmd.name is not None
@@ -189,6 +195,11 @@ class Handlers:
         self.reply(conn, cmd.id, run())
 
     # --- helpers ---------------------------------------------------------------------
+    async def position(self, stream: str) -> dict[str, Any]:
+        """``{"epoch", "offset"}`` of a stream with history (for join and login acks)."""
+        streams = self.node.streams
+        return {} if streams is None else await streams.ensure(stream)
+
     def allow(
         self, conn: Connection, action: Action, target: str, entry: Entry[Connection] | None = None
     ) -> None:

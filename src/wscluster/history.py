@@ -119,3 +119,24 @@ def splice(frame: bytes, offset: int, epoch: str) -> bytes:
     if not frame.endswith(b"}"):
         return frame
     return b'%s,"offset":%d,"epoch":"%s"}' % (frame[:-1], offset, epoch.encode())
+
+
+def judge(epoch: str, offset: int, store_epoch: str, top: int, oldest: int, limit: int) -> (
+    tuple[bool, str | None]
+):  # fmt: skip
+    """Whether a reader at ``[epoch, offset]`` can be brought up to date from what the store
+    holds (its epoch, last and oldest retained offsets) with at most ``limit`` messages, and
+    if not, why (``epoch_changed``, ``too_many``, ``too_old``)."""
+    if not store_epoch:
+        return (not epoch, None if not epoch else "epoch_changed")
+    if epoch and epoch != store_epoch:
+        return False, "epoch_changed"
+    after = offset if epoch else 0
+    missed = top - after
+    if missed <= 0:
+        return True, None
+    if missed > limit:
+        return False, "too_many"
+    if oldest == 0 or oldest > after + 1:
+        return False, "too_old"
+    return True, None

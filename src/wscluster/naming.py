@@ -79,3 +79,12 @@ class Names:
     def group_key(self, group: str) -> str:
         """Hash client id -> uid ('' when none) of a group's members."""
         return f"{self.ns}:grp:{group}"
+
+    # --- history (broker.redis_history) ------------------------------------------------
+    def history_key(self, stream: str) -> str:
+        """Stream of a history-enabled address: entry id ``<offset>-0``, field ``f`` = frame."""
+        return f"{self.ns}:h:{stream}"
+
+    def history_meta_key(self, stream: str) -> str:
+        """Hash of a history-enabled address: ``o`` last offset, ``e`` epoch."""
+        return f"{self.ns}:hm:{stream}"

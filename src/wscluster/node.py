@@ -24,6 +24,7 @@ from .gate import Gate, make_verifier
 from .gateway.connection import Connection
 from .handlers import Handlers
 from .hooks import AppRunner
+from .liveness import Liveness
 from .metrics import Metrics
 from .naming import Names, client_id, new_node_id, node_of_client
 from .ops import Ops
@@ -31,6 +32,7 @@ from .presence import create_presence
 from .presence.base import ConnInfo
 from .registry import Registry
 from .routing import Address, Kind, parse_address
+from .streams import Streams
 from .subscriptions import Subscriptions
 from .tasks import cancel_and_wait, quietly
 
@@ -55,7 +57,16 @@ class Node:
         self.cluster = Cluster.attach(
             self.broker, self.presence, self.names, max_message_size=config.max_message_size,
             max_session_size=config.max_session_size, timeout=config.request_timeout,
+            history=config.history,
         )  # fmt: skip
+        self.streams: Streams | None = None
+        if self.cluster.history:
+            from .broker.redis_history import RedisHistory
+
+            store = RedisHistory(config.broker, self.names, config.request_timeout)
+            self.streams = Streams(self, store)
+            self.subs.on_unsubscribe = self.streams.drop
+        self.liveness = Liveness(self)
         self.cluster.control.local = self._local_control
         self.app = app if app is not None else (load_app(config.app) if config.app else None)
         self.app_runner = AppRunner(self, self.app) if self.app is not None else None
@@ -77,6 +88,7 @@ class Node:
         self._presence_ok_at = 0.0
         self._presence_up = False
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self._servers: list[_Closable] = []  # the public (picows) and API (aiohttp) servers
         self._stopped = asyncio.Event()
 
@@ -97,6 +109,7 @@ class Node:
         await self.presence.start()
         await self._heartbeat_once()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._liveness_task = asyncio.create_task(self.liveness.run())
         self._servers.append(await start_public(self))
         self._servers.append(await start_api(self))
         log.info(
@@ -116,8 +129,9 @@ class Node:
 
     async def stop(self) -> None:
         self.draining = True
-        if self._heartbeat_task:
-            self._heartbeat_task.cancel()
+        for task in (self._heartbeat_task, self._liveness_task):
+            if task is not None:
+                task.cancel()
         for server in self._servers:
             await server.close()
         self._servers.clear()
@@ -139,6 +153,8 @@ class Node:
         await cancel_and_wait(list(self._tasks))
         await self.broker.close()
         await self.presence.close()
+        if self.streams is not None:
+            await self.streams.store.close()
         log.info("node %s stopped", self.node_id)
         self._stopped.set()
 
@@ -190,6 +206,8 @@ class Node:
             return
         self.metrics.connections.set(len(self.registry))
         self.subs.apply(interest)
+        if self.streams is not None:
+            self.streams.forget(conn.cid)
         for group in entry.groups:
             self.unwatch_presence(conn.cid, group)
             self.publish_presence(group, "leave", entry.uid, conn.cid)
@@ -277,6 +295,8 @@ class Node:
             return False, "draining"
         if not self.broker.connected:
             return False, "broker unreachable"
+        if self.liveness.degraded is not None:
+            return False, f"degraded: {self.liveness.degraded}"
         if time.monotonic() - self._presence_ok_at > self.config.node_ttl / 2:
             return False, "presence store unreachable"
         return True, "ok"
@@ -332,13 +352,24 @@ class Node:
     # --- broker -> local receivers -------------------------------------------------------
     def _on_broker_state(self, connected: bool) -> None:
         self.metrics.broker_up.set(1 if connected else 0)
+        if connected:
+            self.liveness.on_broker_up()
 
     def _on_broker(self, channel: str, payload: bytes) -> None:
         self.metrics.broker_in.inc()
+        self.liveness.heard = time.monotonic()
         try:
+            if payload[:1] == b"#":
+                if self.streams is None:
+                    raise envelope.EnvelopeError("history message on a node without history")
+                self.streams.on_message(payload)
+                return
             env = envelope.decode(payload)
             if env.op == envelope.Op.REPLY:
                 self.cluster.control.on_reply(env.payload)
+                return
+            if env.op == envelope.Op.PROBE:
+                self.liveness.on_probe(env.to)
                 return
             address = parse_address(env.to)
         except (envelope.EnvelopeError, ValueError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from .broker.base import Broker
 from .errors import BrokerUnavailable
@@ -21,10 +22,13 @@ class Subscriptions:
         self._timeout = timeout
         self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmation
         self._unsubscribing: set[asyncio.Future[None]] = set()
+        self.on_unsubscribe: Callable[[str], None] | None = None  # address no longer heard
 
     def apply(self, interest: Interest) -> None:
         """Start the (un)subscriptions an interest change calls for (in order, no waiting)."""
         for address in interest.unsubscribe:
+            if self.on_unsubscribe is not None:
+                self.on_unsubscribe(address)
             channel = self._names.channel(address)
             self._confirmed.pop(channel, None)
             task = asyncio.ensure_future(self._unsubscribe(channel))

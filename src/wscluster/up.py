@@ -100,6 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
+    history = history_rules(args, broker)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -112,6 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 *(["--presence", presence] if presence else []),
                 "--node-name", f"node{i}", "--log-level", args.log_level,
                 *(["--app", args.app] if args.app else []),
+                *(a for rule in history for a in ("--history", rule)),
             ]  # fmt: skip
             env = {**os.environ, **auth_env}
             procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent, env=env))
@@ -153,6 +155,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         for server in started:
             server.cleanup()
         print("wscluster up: stopped", file=sys.stderr)
+
+
+DEMO_HISTORY = ("group:*=1000/600s", "uid:*=1000/3600s")
+
+
+def history_rules(args: argparse.Namespace, broker: str) -> tuple[str, ...]:
+    """The nodes' history rules: as given, else the demo's when the broker is Redis."""
+    given = tuple(args.history or args.history_env or ())
+    if given == ("none",):
+        return ()
+    if given:
+        return given
+    return DEMO_HISTORY if broker.startswith(("redis", "unix")) else ()
 
 
 def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None:

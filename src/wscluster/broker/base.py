@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 MessageHandler = Callable[[str, bytes], None]
 StateHandler = Callable[[bool], None]
@@ -63,4 +63,20 @@ class Broker(Protocol):
 
     async def close(self) -> None:
         """Stop all tasks and close connections; pending publishes fail."""
+        ...
+
+
+class HistoryBroker(Broker, Protocol):
+    """A broker that also keeps history (Redis): append and publish in one step."""
+
+    def append_nowait(
+        self, channel: str, meta_key: str, stream_key: str, payload: bytes, keep: int,
+        ttl_ms: int, meta_ttl_ms: int,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        """Like ``publish_nowait``, and the message gets the stream's next offset; the future
+        resolves with it once the store accepted both."""
+        ...
+
+    def restart_subscriber(self) -> None:
+        """Drop and re-establish the subscribing link (it resubscribes everything)."""
         ...

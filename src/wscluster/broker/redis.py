@@ -18,8 +18,13 @@ never. redis-py's ``PubSub`` is not used: the broker owns its reader and resubsc
 
 from __future__ import annotations
 
+import asyncio
+import os
+from typing import Any
+
 from wscluster.broker.pair import PairBroker
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector
+from wscluster.broker.redis_history import APPEND
 from wscluster.broker.redis_pub import MAX_BATCH, MAX_BATCH_BYTES, Publisher
 from wscluster.broker.redis_sub import SUBSCRIBE_BATCH, Subscriber
 
@@ -47,7 +52,27 @@ class RedisBroker(PairBroker):
     ) -> None:
         self._connector = Connector(url, connect_timeout)
         super().__init__(self._connector.where, connect_timeout)
-        self._pub = Publisher(
-            self._connector, publish_timeout, max_pending_bytes, self._update_state
+        pub = Publisher(self._connector, publish_timeout, max_pending_bytes, self._update_state)
+        pub.script = APPEND
+        self._pub = self._publisher = pub
+        self._sub = self._subscriber = Subscriber(
+            self._connector, self._update_state, pub.check_now
         )
-        self._sub = Subscriber(self._connector, self._update_state, self._pub.check_now)
+        self._epoch_prefix = os.urandom(6).hex()
+        self._appends = 0
+
+    def append_nowait(
+        self, channel: str, meta_key: str, stream_key: str, payload: bytes, keep: int,
+        ttl_ms: int, meta_ttl_ms: int,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        """Append to a stream's history and publish with its offset and epoch, atomically and
+        in publish order; the future gets the offset (broker.redis_history)."""
+        self._appends += 1
+        epoch = f"{self._epoch_prefix}{self._appends:x}"  # used only if the stream has none
+        args = (channel, payload, keep, ttl_ms, meta_ttl_ms, epoch)
+        return self._publisher.script_nowait((meta_key, stream_key), args, len(payload))
+
+    def restart_subscriber(self) -> None:
+        """Drop the subscribing link (it reconnects and resubscribes): a link that answers
+        PING but no longer delivers messages (the node's liveness probe found it deaf)."""
+        self._subscriber.restart()

@@ -7,6 +7,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
@@ -19,7 +20,12 @@ from wscluster.errors import BrokerUnavailable
 MAX_BATCH = 10_000  # PUBLISH commands per pipeline
 MAX_BATCH_BYTES = 4 << 20  # payload bytes per pipeline (at least one message is sent)
 
-_Item = tuple[str, bytes, asyncio.Future[None]]
+# (command, payload bytes counted against the pending bound, future of the reply)
+_Item = tuple[tuple[Any, ...], int, asyncio.Future[Any]]
+
+
+class NoScript(ConnectionError):
+    """The server forgot our script (SCRIPT FLUSH): reconnect, which loads it again."""
 
 
 class Publisher:
@@ -43,17 +49,27 @@ class Publisher:
         self._inflight: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._check = False
+        self.script: str | None = None  # loaded at every connect (broker.redis_history)
+        self._sha = ""
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        size = len(payload)
+        return self._enqueue(("PUBLISH", channel, payload), len(payload))
+
+    def script_nowait(
+        self, keys: tuple[str, ...], args: tuple[Any, ...], size: int
+    ) -> asyncio.Future[Any]:
+        """Run the history script (``scripts``) in publish order; the future gets its reply."""
+        return self._enqueue(("EVALSHA", self._sha, len(keys), *keys, *args), size)
+
+    def _enqueue(self, command: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.up or self.closing:
             fut.set_exception(BrokerUnavailable("broker not connected"))
         elif self.pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
         else:
             self.pending_bytes += size
-            self._queue.append((channel, payload, fut))
+            self._queue.append((command, size, fut))
             self._wakeup.set()
         return fut
 
@@ -72,6 +88,9 @@ class Publisher:
             conn = self._connector.new_conn("wsc-pub", self._publish_timeout)
             try:
                 await self._connector.connect(conn)
+                if self.script is not None:
+                    await conn.send_command("SCRIPT", "LOAD", self.script, check_health=False)
+                    self._sha = (await conn.read_response()).decode()
                 backoff.reset()
                 self.up = True
                 self._update_state("")
@@ -103,22 +122,24 @@ class Publisher:
             size = 0
             while queue and len(inflight) < MAX_BATCH and size < MAX_BATCH_BYTES:
                 item = queue.popleft()
-                size += len(item[1])
+                size += item[1]
                 inflight.append(item)
-            packed = conn.pack_commands([("PUBLISH", ch, data) for ch, data, _ in inflight])
+            packed = conn.pack_commands([command for command, _, _ in inflight])
             await conn.send_packed_command(packed, check_health=False)
             async with asyncio.timeout(self._publish_timeout):  # for the whole batch
                 while inflight:
+                    error, reply = None, None
                     try:
-                        await conn.read_response(timeout=math.inf)
-                        error = None
+                        reply = await conn.read_response(timeout=math.inf)
                     except ResponseError as exc:  # refused by the server: this message only
                         error = BrokerUnavailable(f"publish refused: {exc}")
-                    _, data, fut = inflight.popleft()
-                    self.pending_bytes -= len(data)
+                        if str(exc).startswith("NOSCRIPT"):
+                            raise NoScript("history script flushed from the server") from None
+                    command, size, fut = inflight.popleft()
+                    self.pending_bytes -= size
                     if fut.done():
                         continue
                     if error is None:
-                        fut.set_result(None)
+                        fut.set_result(reply if command[0] == "EVALSHA" else None)
                     else:
                         fut.set_exception(error)

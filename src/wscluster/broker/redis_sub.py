@@ -89,6 +89,11 @@ class Subscriber:
         # On timeout the link is in trouble: delivery is already filtered by the desired set.
         await self._all_within_timeout(await self._request(conn, False, todo))
 
+    def restart(self) -> None:
+        writer = getattr(self._sub_conn, "_writer", None)
+        if writer is not None:
+            writer.transport.abort()  # the reader fails; run() reconnects and resubscribes
+
     def fail_waiters(self, reason: str) -> None:
         waiting = [w for q in self._confirm.values() for c in q for w in c.waiters]
         waiting += [w for ws in self._orphans.values() for w in ws]

@@ -8,6 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from wscluster.broker.base import StateHandler
 from wscluster.errors import BrokerUnavailable
@@ -67,11 +68,13 @@ class LinkState:
             log.warning(msg, self.where, within, why() or "no answer")
 
 
-def fail_all(reason: str, *queues: deque[tuple[str, bytes, asyncio.Future[None]]]) -> None:
-    """Empty publish queues, failing every future still waiting (never reported as sent)."""
+def fail_all(reason: str, *queues: deque[tuple[Any, ...]]) -> None:
+    """Empty publish queues (items end with their future), failing every future still
+    waiting (never reported as sent)."""
     items = [item for queue in queues for item in queue]
     for queue in queues:
         queue.clear()
-    for _, _, fut in items:
+    for item in items:
+        fut: asyncio.Future[Any] = item[-1]
         if not fut.done():
             fut.set_exception(BrokerUnavailable(reason))

@@ -1,0 +1,112 @@
+"""History on Redis: the append-and-publish script (run on the broker's publishing link, in
+publish order) and the reads behind resume, gap repair and the position check.
+
+Per stream two keys (naming.Names): a Redis stream holding the envelopes (entry id
+``<offset>-0``, capped at the rule's N with MAXLEN, expiring T seconds after the last
+append) and a hash holding the last offset ``o`` and the epoch ``e`` (expiring a day after
+the last append, so a quiet stream keeps its position). An empty store (a Redis that
+restarted without persistence) has no hash: the next append starts a new epoch at offset 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from wscluster.errors import PresenceUnavailable
+
+# KEYS: meta, stream. ARGV: channel, envelope, maxlen, ttl_ms, meta_ttl_ms, epoch candidate.
+APPEND = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 'f', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[1], string.format('#%d:%s:', offset, epoch) .. ARGV[2])
+return offset
+"""
+
+# KEYS: meta, stream. ARGV: the reader's epoch ('' for none), after, limit.
+# -> {epoch or '', top, oldest retained offset or 0, entries, newest-first?}
+READ = """
+local m = redis.call('HMGET', KEYS[1], 'e', 'o')
+if not m[1] then return {'', 0, 0, {}, 0} end
+local top = tonumber(m[2])
+local after = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+if m[1] ~= ARGV[1] then after = 0 end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest = 0
+if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+if top - after > limit then
+  return {m[1], top, oldest, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit), 1}
+end
+local start = string.format('%d-0', after + 1)
+return {m[1], top, oldest, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', limit), 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    epoch: str  # '' when the store holds nothing for the stream
+    top: int  # the last offset appended in this epoch (0: none)
+    oldest: int  # the oldest offset still retained (0: none)
+    entries: list[tuple[int, bytes]]  # (offset, envelope), oldest first
+
+
+class RedisHistory:
+    """Reads of the history store (its own small connection pool)."""
+
+    def __init__(self, url: str, names: Any, timeout: float = 5.0) -> None:
+        self._names = names
+        self._redis: Redis = Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=16
+        )
+        self._read = self._redis.register_script(READ)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def read(self, stream: str, epoch: str, after: int, limit: int) -> Read:
+        """The entries after ``after`` (all retained ones when ``epoch`` is not the stream's),
+        at most ``limit`` (the newest ones when more are there)."""
+        keys = [self._names.history_meta_key(stream), self._names.history_key(stream)]
+        try:
+            raw = await self._read(keys=keys, args=[epoch, after, limit])
+        except (RedisError, OSError) as exc:
+            raise PresenceUnavailable(f"history store: {exc}") from None
+        entries = [(_offset(entry_id), fields[1]) for entry_id, fields in raw[3]]
+        if raw[4]:
+            entries.reverse()
+        return Read(_text(raw[0]), int(raw[1]), int(raw[2]), entries)
+
+    async def positions(self, streams: list[str]) -> list[tuple[str, int]]:
+        """(epoch or '', last offset) of each stream, in one round trip."""
+        if not streams:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.hmget(self._names.history_meta_key(stream), "e", "o")
+                rows = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise PresenceUnavailable(f"history store: {exc}") from None
+        return [(_text(e), int(o or 0)) for e, o in rows]
+
+
+def _offset(entry_id: bytes) -> int:
+    return int(entry_id.partition(b"-")[0])
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
