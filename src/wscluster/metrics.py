@@ -34,6 +34,11 @@ class Metrics:
             "wscluster_server_closes", "Connections closed by the server by close code",
             ["code"], registry=r,
         )  # fmt: skip
+        self.outbox_dropped = Counter(
+            "wscluster_outbox_dropped",
+            "Queued messages of drop-oldest streams dropped from slow consumers' outboxes",
+            registry=r,
+        )
         self.broker_up = Gauge("wscluster_broker_connected", "1 while the broker link is up",
                                registry=r)  # fmt: skip
         self.presence_up = Gauge(
@@ -48,6 +53,21 @@ class Metrics:
         self.app_errors = Counter(
             "wscluster_app_errors", "Application handler failures by hook", ["hook"], registry=r
         )
+        self.gaps = Counter(
+            "wscluster_history_gaps", "Gaps announced to receivers (lost, epoch_changed)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.repaired = Counter(
+            "wscluster_history_repaired", "Messages missed on the broker link and read from "
+            "the history instead", registry=r,
+        )  # fmt: skip
+        self.replayed = Counter(
+            "wscluster_history_replayed", "Messages replayed to resuming clients", registry=r
+        )
+        self.probe_failures = Counter(
+            "wscluster_broker_probe_failures",
+            "Liveness probes that did not come back (the subscriber was restarted)", registry=r,
+        )  # fmt: skip
         self.info = Gauge("wscluster_node_info", "Node identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
 
