@@ -99,6 +99,15 @@ class NodeConfig:
             raise ValueError("--transport must be asyncio or aiofastnet")
         if self.transport == "aiofastnet" and importlib.util.find_spec("aiofastnet") is None:
             raise ValueError("--transport aiofastnet needs the package: pip install aiofastnet")
+        if self.history:
+            from .history import Rules
+
+            Rules(self.history)  # raises ValueError naming the bad rule
+            if self.broker.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+                raise ValueError("--history needs a Redis broker (the append and the publish "
+                                 "are one script on Redis)")  # fmt: skip
+        if self.max_replay < 1 or self.check_interval <= 0:
+            raise ValueError("--max-replay must be >= 1 and --check-interval positive")
         for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox",
                      "max_session_size"):
             if getattr(self, name) <= 0:
