@@ -106,6 +106,10 @@ class NodeConfig:
             if self.broker.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
                 raise ValueError("--history needs a Redis broker (the append and the publish "
                                  "are one script on Redis)")  # fmt: skip
+        if self.outbox_policy:
+            from .outbox import OutboxRules
+
+            OutboxRules(self.outbox_policy)  # raises ValueError naming the bad rule
         if self.max_replay < 1 or self.check_interval <= 0:
             raise ValueError("--max-replay must be >= 1 and --check-interval positive")
         for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox",

@@ -23,11 +23,13 @@ from .errors import BrokerUnavailable, PresenceUnavailable
 from .gate import Gate, make_verifier
 from .gateway.connection import Connection
 from .handlers import Handlers
+from .heartbeat import Heartbeat
 from .hooks import AppRunner
 from .liveness import Liveness
 from .metrics import Metrics
 from .naming import Names, client_id, new_node_id, node_of_client
 from .ops import Ops
+from .outbox import OutboxRules
 from .presence import create_presence
 from .presence.base import ConnInfo
 from .registry import Registry
@@ -67,6 +69,7 @@ class Node:
             self.streams = Streams(self, store)
             self.subs.on_unsubscribe = self.streams.drop
         self.liveness = Liveness(self)
+        self.outbox = OutboxRules(config.outbox_policy)
         self.cluster.control.local = self._local_control
         self.app = app if app is not None else (load_app(config.app) if config.app else None)
         self.app_runner = AppRunner(self, self.app) if self.app is not None else None
@@ -84,9 +87,7 @@ class Node:
         self._watchers: dict[str, set[str]] = {}  # group -> cids that get presence events
         self._counter = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._presence_dirty = True  # resync at the next heartbeat
-        self._presence_ok_at = 0.0
-        self._presence_up = False
+        self.heartbeat = Heartbeat(self)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
         self._servers: list[_Closable] = []  # the public (picows) and API (aiohttp) servers
@@ -107,8 +108,8 @@ class Node:
             log.warning("broker unavailable at start: %s; retrying in the background",
                         _redact(self.config.broker))  # fmt: skip
         await self.presence.start()
-        await self._heartbeat_once()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        await self.heartbeat.once()
+        self._heartbeat_task = asyncio.create_task(self.heartbeat.run())
         self._liveness_task = asyncio.create_task(self.liveness.run())
         self._servers.append(await start_public(self))
         self._servers.append(await start_api(self))
@@ -249,7 +250,7 @@ class Node:
         try:
             await asyncio.wait_for(write, self.config.request_timeout)
         except (PresenceUnavailable, TimeoutError) as exc:
-            self._presence_dirty = True
+            self.heartbeat.dirty = True
             raise PresenceUnavailable(str(exc)) from None
 
     def watch_presence(self, cid: str, group: str) -> None:
@@ -264,7 +265,7 @@ class Node:
 
     def mark_presence_dirty(self) -> None:
         """The mirror may be wrong about this node: resync it at the next heartbeat."""
-        self._presence_dirty = True
+        self.heartbeat.dirty = True
 
     def publish_presence(self, group: str, event: str, uid: str | None, cid: str) -> None:
         """Announce a join/leave to the group's watchers (a joiner does not get its own)."""
@@ -297,57 +298,9 @@ class Node:
             return False, "broker unreachable"
         if self.liveness.degraded is not None:
             return False, f"degraded: {self.liveness.degraded}"
-        if time.monotonic() - self._presence_ok_at > self.config.node_ttl / 2:
+        if time.monotonic() - self.heartbeat.ok_at > self.config.node_ttl / 2:
             return False, "presence store unreachable"
         return True, "ok"
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.node_heartbeat)
-            try:
-                await self._heartbeat_once()
-            except Exception:  # never let liveness stop silently
-                log.exception("heartbeat failed")
-
-    async def _heartbeat_once(self) -> None:
-        cfg = self.config
-        try:
-            known = await asyncio.wait_for(
-                self.presence.heartbeat(self.node_id, cfg.node_ttl, self.stats()),
-                cfg.request_timeout,
-            )
-            if not known or self._presence_dirty:
-                self._presence_dirty = False
-                await asyncio.wait_for(
-                    self.presence.resync(self.node_id, self.snapshot(), cfg.node_ttl, self.stats()),
-                    cfg.request_timeout * 4,
-                )
-                log.info("presence resynced: %d connections", len(self.registry))
-            if not self._presence_up:
-                log.info("presence store reachable")
-                self._presence_up = True
-            self._presence_ok_at = time.monotonic()
-            self.metrics.presence_up.set(1)
-        except (PresenceUnavailable, TimeoutError, OSError) as exc:
-            self._presence_dirty = True
-            if self._presence_up:
-                log.warning("presence store unreachable: %s", exc or type(exc).__name__)
-                self._presence_up = False
-            self.metrics.presence_up.set(0)
-            return
-        try:  # a failed read must not make our own mirror look dirty
-            dead = await asyncio.wait_for(self.presence.purge_dead(), cfg.request_timeout)
-        except (PresenceUnavailable, TimeoutError, OSError) as exc:
-            log.debug("purge skipped: %s", exc)
-            return
-        for node in dead:
-            self.metrics.purged.inc()
-            log.warning("purged dead node %s (%d connections)", node.node_id, len(node.connections))
-            for c in node.connections:
-                for group in c.groups:
-                    self.publish_presence(group, "leave", c.uid, c.client_id)
-            if self.app_runner is not None:
-                self.app_runner.node_died(node.connections)
 
     # --- broker -> local receivers -------------------------------------------------------
     def _on_broker_state(self, connected: bool) -> None:
@@ -397,15 +350,16 @@ class Node:
         self, address: Address, payload: bytes, exclude: tuple[str, ...], kind: WSMsgType
     ) -> None:
         n = 0
+        drop = self.outbox.drop(str(address)) if self.outbox else False
         if exclude:
             skip = set(exclude)
             for cid, conn in self.registry.receivers(address):
                 if cid not in skip:
-                    conn.push(payload, kind)
+                    conn.push(payload, kind, drop)
                     n += 1
         else:
             for _, conn in self.registry.receivers(address):
-                conn.push(payload, kind)
+                conn.push(payload, kind, drop)
                 n += 1
         if n:
             self.metrics.deliveries.inc(n)

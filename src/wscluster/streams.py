@@ -95,6 +95,8 @@ class Streams:
         frame = env.payload if env.binary else history.splice(env.payload, offset, epoch)
         stream = env.to
         skip = set(env.exclude)
+        outbox = self.node.outbox
+        drop = outbox.drop(stream) if outbox else False
         n = 0
         buffers, floors = self.buffers, self.floors
         for cid, conn in self.node.registry.receivers(st.address):
@@ -108,7 +110,7 @@ class Streams:
             if floors and (f := floors.get(cid)) is not None and (pos := f.get(stream)):
                 if pos[0] == epoch and offset <= pos[1]:
                     continue
-            conn.push(frame, kind)
+            conn.push(frame, kind, drop)
             n += 1
         if n:
             self.node.metrics.deliveries.inc(n)
