@@ -130,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             except (RuntimeError, OSError, ValueError) as exc:
                 print(f"wscluster up: --nginx: {exc}", file=sys.stderr)
                 return 1
-        _banner(args, broker, presence)
+        _banner(args, broker, presence, history)
         reported: set[int] = set()
         while not stopping and any(p.poll() is None for p in procs):
             for i, proc in enumerate(procs, 1):
@@ -170,7 +170,9 @@ def history_rules(args: argparse.Namespace, broker: str) -> tuple[str, ...]:
     return DEMO_HISTORY if broker.startswith(("redis", "unix")) else ()
 
 
-def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None:
+def _banner(
+    args: argparse.Namespace, broker: str, presence: str | None, history: tuple[str, ...]
+) -> None:
     ns = "" if args.namespace == "wsc" else f" --namespace {args.namespace}"
     ns += f" --presence {presence}" if presence else ""
     # paths that work without an activated virtual environment
@@ -183,6 +185,9 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         lines.append(f"  node{i}: ws://{args.host}:{port}/ws   page http://{args.host}:{port}/"
                      f"   api http://127.0.0.1:{port + 1000}/api/")  # fmt: skip
     ws = f"ws://{args.host}:{args.base_port + 1}/ws"
+    hist = "".join(f" --history '{rule}'" for rule in history)
+    if history:
+        lines.append(f"  history: {', '.join(history)} (clients resume what they missed)")
     if args.jwt_secret or args.jwt_public_key:
         try_it = [f"  {python} -m websockets '{ws}?token=<a JWT whose sub is alice>'",
                   "    (clients authenticate with tokens: see docs/auth.md)"]
@@ -207,7 +212,7 @@ def _banner(args: argparse.Namespace, broker: str, presence: str | None) -> None
         "Try it:",
         *try_it,
         f"  {cli} send --broker {broker}{ns} --to all '{{\"text\": \"system message\"}}'",
-        f"  {cli} send --broker {broker}{ns} --to uid:alice '{{\"text\": \"hi\"}}'",
+        f"  {cli} send --broker {broker}{ns}{hist} --to uid:alice '{{\"text\": \"hi\"}}'",
         f"  {cli} status --broker {broker}{ns}",
         "",
         "Ctrl-C stops everything.",
