@@ -69,6 +69,10 @@ class Streams:
         stream = env.to
         st = self.state.get(stream)
         if st is None:  # first message of a new subscription: it starts the count
+            registry = self.node.registry
+            size = registry.uid_size if address.kind is Kind.UID else registry.group_size
+            if not size(address.name):
+                return  # late, after the last local receiver left: nobody to track it for
             st = self.state[stream] = StreamState(epoch, offset - 1, address=address)
         self._accept(st, offset, epoch, env)
 

@@ -18,6 +18,8 @@ from redis.exceptions import RedisError
 
 from wscluster.errors import PresenceUnavailable
 
+POSITIONS_BATCH = 1000  # streams per pipeline of the position check
+
 # KEYS: meta, stream. ARGV: channel, envelope, maxlen, ttl_ms, meta_ttl_ms, epoch candidate.
 APPEND = """
 local epoch = redis.call('HGET', KEYS[1], 'e')
@@ -90,13 +92,13 @@ class RedisHistory:
 
     async def positions(self, streams: list[str]) -> list[tuple[str, int]]:
         """(epoch or '', last offset) of each stream, in one round trip."""
-        if not streams:
-            return []
+        rows: list[Any] = []
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.hmget(self._names.history_meta_key(stream), "e", "o")
-                rows = await pipe.execute()
+            for i in range(0, len(streams), POSITIONS_BATCH):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream in streams[i : i + POSITIONS_BATCH]:
+                        pipe.hmget(self._names.history_meta_key(stream), "e", "o")
+                    rows += await pipe.execute()
         except (RedisError, OSError) as exc:
             raise PresenceUnavailable(f"history store: {exc}") from None
         return [(_text(e), int(o or 0)) for e, o in rows]
