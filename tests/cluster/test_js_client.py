@@ -1,6 +1,7 @@
-"""The JavaScript client (clients/js) on a private 3-node cluster: runs its Node tests (unit
-tests on a fake WebSocket, then integration tests against these nodes, the last of which
-kills the third node) with WSCLUSTER_TEST_CLUSTER naming the cluster."""
+"""The JavaScript client (clients/js) on a private 3-node cluster with history: runs its Node
+tests (unit tests on a fake WebSocket, then integration tests against these nodes, resume and
+offline delivery included; the last one kills the third node) with WSCLUSTER_TEST_CLUSTER
+naming the cluster."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .conftest import Cluster
 
 MakeCluster = Callable[..., Cluster]
 JS_DIR = Path(__file__).resolve().parents[2] / "clients" / "js"
+# the rules clients/js/test/cluster.js gives a cluster it starts itself
+HISTORY = ["--history", "group:*=1000/300s", "--history", "uid:*=1000/300s"]
 
 
 def _node_major(node: str) -> int:
@@ -39,8 +42,8 @@ def test_js_client_node_tests(valkey: EmbeddedRedis, make_cluster: MakeCluster) 
     if _node_major(node) < 20:
         skip_or_fail("the JavaScript client's tests need node >= 20")
     tests = sorted(str(p.relative_to(JS_DIR)) for p in JS_DIR.glob("test/*.test.js"))
-    assert len(tests) >= 2, tests  # unit and integration
-    cluster = make_cluster(valkey.url, 3)
+    assert len(tests) >= 3, tests  # unit, resume (unit) and integration
+    cluster = make_cluster(valkey.url, 3, HISTORY)
     env = {
         **os.environ,
         "WSCLUSTER_TEST_CLUSTER": json.dumps({"ws": cluster.ws_urls, "api": cluster.api_urls}),
@@ -61,5 +64,5 @@ def test_js_client_node_tests(valkey: EmbeddedRedis, make_cluster: MakeCluster) 
     assert "# fail 0" in done.stdout
     lines = done.stdout.splitlines()
     passed = [int(line.split()[-1]) for line in lines if line.startswith("# pass ")]
-    assert passed and passed[0] >= 30, done.stdout[-2000:]  # every test ran, none was skipped
+    assert passed and passed[0] >= 65, done.stdout[-2000:]  # every test ran, none was skipped
     assert "# skipped 0" in done.stdout

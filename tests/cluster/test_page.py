@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -38,7 +39,13 @@ def get_full(url: str) -> tuple[int, Message, bytes]:
         ("/chat.css", "text/css", "src/wscluster/static/chat.css"),
         ("/view.js", "text/javascript", "src/wscluster/static/view.js"),
         ("/nodes.js", "text/javascript", "src/wscluster/static/nodes.js"),
+        ("/rooms.js", "text/javascript", "src/wscluster/static/rooms.js"),
+        ("/store.js", "text/javascript", "src/wscluster/static/store.js"),
         ("/wscluster.js", "text/javascript", "clients/js/wscluster.js"),
+        *(
+            (f"/wscluster-{m}.js", "text/javascript", f"clients/js/wscluster-{m}.js")
+            for m in ("backoff", "connection", "errors", "events", "streams")
+        ),
     ],
 )
 def test_page_files(cluster: Cluster, path: str, ctype: str, source: str) -> None:
@@ -46,6 +53,22 @@ def test_page_files(cluster: Cluster, path: str, ctype: str, source: str) -> Non
     assert status == 200
     assert got_type.startswith(ctype)
     assert body == (ROOT / source).read_bytes()  # the page's client is the published one
+
+
+def test_every_module_the_page_imports_is_served(cluster: Cluster) -> None:
+    """Each `from "./x.js"` of a served module is served too (the client's modules included),
+    so nothing the browser loads is a 404."""
+    seen: set[str] = set()
+    todo = ["/chat.js"]
+    while todo:
+        path = todo.pop()
+        seen.add(path)
+        status, ctype, body = get(cluster.nodes[0].http_url + path)
+        assert status == 200 and ctype.startswith("text/javascript"), path
+        for name in re.findall(r'from "\./([\w-]+\.js)"', body.decode()):
+            if f"/{name}" not in seen:
+                todo.append(f"/{name}")
+    assert {"/wscluster.js", "/wscluster-streams.js", "/store.js", "/rooms.js"} <= seen, seen
 
 
 def test_page_is_locked_down(cluster: Cluster) -> None:

@@ -1,10 +1,13 @@
 // A real wscluster for the integration tests: the one named by WSCLUSTER_TEST_CLUSTER
-// (JSON {"ws": [...], "api": [...]}, 3 nodes), else a private one from `wscluster up`.
+// (JSON {"ws": [...], "api": [...]}, 3 nodes with the HISTORY rules below), else a private one
+// from `wscluster up`.
 import { spawn } from "node:child_process";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 
 const NODES = 3;
+/** The history rules of the cluster (tests/cluster/test_js_client.py gives its nodes the same). */
+export const HISTORY = ["group:*=1000/300s", "uid:*=1000/300s"];
 
 /** @returns {Promise<boolean>} whether 127.0.0.1:port can be bound now */
 function portFree(port) {
@@ -46,7 +49,8 @@ export async function getCluster() {
   }
   const python = process.env.WSCLUSTER_PYTHON ?? fileURLToPath(new URL("../../../.venv/bin/python", import.meta.url));
   const base = await freeBase();
-  const child = spawn(python, ["-m", "wscluster", "up", "--nodes", String(NODES), "--base-port", String(base)], {
+  const args = ["-m", "wscluster", "up", "--nodes", String(NODES), "--base-port", String(base), ...HISTORY.flatMap((h) => ["--history", h])];
+  const child = spawn(python, args, {
     detached: true, // its own process group: stop() ends up, the nodes and the broker together
     stdio: ["ignore", "pipe", "pipe"],
   });

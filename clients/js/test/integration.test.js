@@ -18,17 +18,23 @@ after(async () => {
 });
 
 /** A connected client that records every message and presence event in `inbox`. */
-async function client(urls, options = {}) {
+async function client(urls, options = {}, connect = true) {
   const c = new WsclusterClient(urls, { backoffBase: 50, backoffCap: 500, requestTimeout: 5000, ...options });
   c.inbox = [];
   c.on("message", (f) => c.inbox.push(f));
   c.on("presence", (f) => c.inbox.push(f));
+  c.on("gap", (f) => c.inbox.push(f));
+  c.on("recovered", (e) => c.inbox.push({ type: "recovered", ...e }));
   clients.push(c);
-  await c.connect();
+  if (connect) await c.connect();
   return c;
 }
 
 const received = (c, pred, what = "a frame") => waitFor(() => c.inbox.find(pred), 5000, what);
+/** The messages `c` got on a stream (`to`), and what they carry. */
+const on = (c, to) => c.inbox.filter((f) => f.type === "message" && f.to === to);
+const ns = (c, to) => on(c, to).map((f) => f.data?.n ?? f.data);
+const range = (a, b) => Array.from({ length: b - a }, (_, i) => a + i);
 
 async function api(i, path, body) {
   const r = await fetch(cluster.api[i] + path, body === undefined ? {} : {
@@ -157,6 +163,98 @@ test("join+leave and login+logout sent together: the client ends where the serve
   const rejoined = async () => (await Promise.all(groups.map((g) => c.presence(`group:${g}`)))).some((p) => p.count > 0);
   for (let i = 0; i < 20 && (await rejoined()); i++) await new Promise((r) => setTimeout(r, 100));
   assert.equal(await rejoined(), false); // the new connection did not re-join what was left
+});
+
+// -- history (the cluster has the HISTORY rules of test/cluster.js) ------------------------
+
+test("a client away while its group and uid get messages resumes on another node: each once, in order", { timeout: 30000 }, async (t) => {
+  const g = `hist-${tag()}`;
+  const [ur, us] = [`r-${tag()}`, `s-${tag()}`];
+  const [G, U] = [`group:${g}`, `uid:${ur}`];
+  const r = await client(cluster.ws[0], { uid: ur, backoffBase: 1500, backoffCap: 1500 });
+  await r.join(g, { presence: true });
+  const s = await client(cluster.ws[1], { uid: us });
+  const sendBoth = async (n) => { await s.send(G, { n }); await s.send(U, { n }); };
+  for (let n = 0; n < 3; n++) await sendBoth(n);
+  await waitFor(() => ns(r, G).length === 3 && ns(r, U).length === 3, 5000, "the first messages");
+  const before = r.node;
+  t.mock.method(Math, "random", () => 0.999); // the first retry waits about 1.5 s
+  const dropped = once(r, "disconnected");
+  const reconnected = once(r, "reconnected", 20000);
+  r.urls = [cluster.ws[2]]; // it comes back on the third node
+  assert.deepEqual(await api(0, "/api/close", { to: `client:${r.clientId}`, code: 4000 }), { ok: true });
+  await dropped;
+  t.mock.restoreAll();
+  let away = 0;
+  for (let n = 3; n < 13; n++) { await sendBoth(n); if (r.state !== "open") away += 1; }
+  await reconnected;
+  for (let n = 13; n < 16; n++) await sendBoth(n);
+  await waitFor(() => ns(r, G).length >= 16 && ns(r, U).length >= 16, 10000, "every message");
+  await new Promise((resolve) => setTimeout(resolve, 200)); // a duplicate would come now
+  assert.ok(away >= 5, `only ${away} rounds were sent while the client was away`);
+  assert.notEqual(r.node, before);
+  assert.equal(r.url, cluster.ws[2]);
+  for (const stream of [G, U]) {
+    assert.deepEqual(ns(r, stream), range(0, 16), stream); // exactly once, in order
+    const offsets = on(r, stream).map((f) => f.offset);
+    assert.deepEqual(offsets, range(offsets[0], offsets[0] + 16), stream);
+    assert.equal(new Set(on(r, stream).map((f) => f.epoch)).size, 1);
+    const rec = r.inbox.find((f) => f.type === "recovered" && f.stream === stream);
+    assert.equal(rec?.recovered, true, JSON.stringify(rec));
+    assert.ok(rec.replayed >= 1, JSON.stringify(rec));
+    assert.deepEqual(r.positions()[stream], [on(r, stream)[0].epoch, offsets.at(-1)]);
+  }
+  assert.deepEqual([...r.groups], [[g, true]]);
+  assert.equal(r.inbox.filter((f) => f.type === "gap").length, 0);
+});
+
+test("offline delivery: uid messages sent while it had no connection come with its stored positions", { timeout: 30000 }, async () => {
+  const ua = `off-${tag()}`;
+  const U = `uid:${ua}`;
+  const a = await client(cluster.ws[0], { uid: ua });
+  const s = await client(cluster.ws[1], { uid: `s-${tag()}` });
+  await s.send(U, "seen");
+  await received(a, (f) => f.data === "seen");
+  const stored = JSON.parse(JSON.stringify(a.positions())); // as a page keeps them in localStorage
+  assert.deepEqual(Object.keys(stored), [U]);
+  a.close();
+  for (let i = 0; i < 50 && (await s.presence(U)).online; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal((await s.presence(U)).online, false);
+  for (let n = 0; n < 5; n++) await s.send(U, { n });
+  const back = await client(cluster.ws[2], { uid: ua, positions: stored }, false);
+  await back.connect();
+  await waitFor(() => ns(back, U).length >= 5, 5000, "the offline messages");
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.deepEqual(ns(back, U), range(0, 5));
+  const rec = back.inbox.find((f) => f.type === "recovered");
+  assert.deepEqual([rec.stream, rec.recovered, rec.replayed], [U, true, 5]);
+  // a new device without positions asks for everything retained
+  const fresh = await client(cluster.ws[1], { uid: ua });
+  const ack = await fresh.resume({ [U]: [null, 0] });
+  assert.equal(ack.streams[U].replayed, 6, JSON.stringify(ack));
+  assert.deepEqual(ns(fresh, U), ["seen", ...range(0, 5)]);
+  assert.deepEqual(fresh.positions()[U], back.positions()[U]);
+});
+
+test("resume() joins a group and replays it; a wrong epoch is recovered: false, epoch_changed", { timeout: 20000 }, async () => {
+  const g = `replay-${tag()}`;
+  const G = `group:${g}`;
+  const s = await client(cluster.ws[1], { uid: `s-${tag()}` });
+  for (let n = 0; n < 3; n++) await s.send(G, { n }); // nobody is in it: kept in its history only
+  const c = await client(cluster.ws[0], { uid: `c-${tag()}` });
+  const ack = await c.resume({ [G]: ["no-such-epoch", 1] }, { presence: [G] });
+  const entry = ack.streams[G];
+  assert.deepEqual([entry.recovered, entry.reason, entry.replayed], [false, "epoch_changed", 3], JSON.stringify(ack));
+  assert.deepEqual(ns(c, G), [0, 1, 2]); // out before resume() resolved
+  assert.deepEqual(c.inbox.find((f) => f.type === "recovered"), { type: "recovered", stream: G, ...entry });
+  assert.deepEqual([...c.groups], [[g, true]]);
+  const joined = received(c, (f) => f.type === "presence" && f.event === "join", "presence join");
+  const d = await client(cluster.ws[2], { uid: `d-${tag()}` });
+  await d.join(g);
+  await joined;
+  await d.send(G, { n: 3 });
+  await waitFor(() => ns(c, G).length === 4, 5000, "the live message");
+  assert.deepEqual(c.positions()[G], [entry.epoch, entry.offset + 1]);
 });
 
 // Last: it kills the third node for good.

@@ -53,7 +53,14 @@ _PAGE_FILES = {
     b"/chat.css": ("chat.css", "text/css; charset=utf-8"),
     b"/view.js": ("view.js", "text/javascript; charset=utf-8"),
     b"/nodes.js": ("nodes.js", "text/javascript; charset=utf-8"),
+    b"/rooms.js": ("rooms.js", "text/javascript; charset=utf-8"),
+    b"/store.js": ("store.js", "text/javascript; charset=utf-8"),
     b"/wscluster.js": ("wscluster.js", "text/javascript; charset=utf-8"),
+    b"/wscluster-backoff.js": ("wscluster-backoff.js", "text/javascript; charset=utf-8"),
+    b"/wscluster-connection.js": ("wscluster-connection.js", "text/javascript; charset=utf-8"),
+    b"/wscluster-errors.js": ("wscluster-errors.js", "text/javascript; charset=utf-8"),
+    b"/wscluster-events.js": ("wscluster-events.js", "text/javascript; charset=utf-8"),
+    b"/wscluster-streams.js": ("wscluster-streams.js", "text/javascript; charset=utf-8"),
 }
 _NODES_REFRESH = 2.0  # seconds between reads of the live nodes for /nodes.json
 

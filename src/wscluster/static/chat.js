@@ -5,23 +5,10 @@
 import { WsclusterClient } from "./wscluster.js";
 import { $, bdi, el, isolate, textOf, timeOf } from "./view.js";
 import { nodeChooser } from "./nodes.js";
+import { LOBBY, roomWatcher } from "./rooms.js";
+import { forgetTab, givenName, loadPositions, savedRooms, savePositions, saveRooms, tabPositions, token } from "./store.js";
 
-const LOBBY = "lobby"; // every user joins it with presence: its members are "online"
 const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
-const REFRESH_MS = [300, 2500]; // presence is re-read after an event: the store may lag a heartbeat
-
-// ?name= and ?rooms= (the node chooser passes them to another origin) and ?token= (a JWT) go to
-// sessionStorage and out of the address bar, so a reload uses the latest name.
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || sessionStorage.getItem("wscluster.token");
-const givenName = params.get("name") || sessionStorage.getItem("wscluster.name");
-if (params.get("token")) sessionStorage.setItem("wscluster.token", token);
-if (params.get("rooms")) sessionStorage.setItem("wscluster.rooms", params.get("rooms"));
-if (["token", "name", "rooms"].some((p) => params.has(p))) {
-  ["token", "name", "rooms"].forEach((p) => params.delete(p));
-  const rest = params.toString();
-  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
-}
 
 // Where this page was loaded from: "/" on a node, or "/n/2/" behind nginx (pinned to node 2).
 // Fallbacks, tried when that node is gone: nginx's /ws, or the other nodes' ports (nodes.json).
@@ -38,6 +25,10 @@ let welcomed = false, lostNoted = false; // a welcome since the last drop; its l
 let refused = null; // why the cluster refused this page (it needs a token), once known
 const loadNodes = nodeChooser({
   client, base, own, wsScheme, auth, token, identity: () => ({ me, byToken }), rooms: () => savedRooms(),
+  positions: () => (me ? tabPositions(me, client.positions()) : ""),
+});
+const { watchRoom, unwatch, refreshRoom, renderOnline } = roomWatcher({
+  client, convs, add, conv, open, current: () => current, me: () => me,
 });
 
 // --- rendering --------------------------------------------------------------------------
@@ -128,53 +119,7 @@ function show(view) {
 function note(text) {
   if (current) add(current, { kind: "note", text });
 }
-
-// --- who is in a room (the lobby: who is online) ----------------------------------------
-
-// Read from the cluster when a room is opened or joined, and after each presence event of it.
-// Joins and leaves are told from the difference, so a second tab (or a reconnect on another
-// node) of someone already there is no news, and neither is one of their two tabs closing.
-function watchRoom(c) {
-  if (!c.soon) c.soon = setTimeout(() => { c.soon = 0; refreshRoom(c); }, REFRESH_MS[0]);
-  clearTimeout(c.late);
-  c.late = setTimeout(() => refreshRoom(c), REFRESH_MS[1]);
-}
-const unwatch = (c) => { clearTimeout(c.soon); clearTimeout(c.late); };
-
-async function refreshRoom(c) {
-  const ack = await client.presence("group:" + c.name).catch(() => null); // else: next event
-  if (!ack || convs.get(c.key) !== c || !Array.isArray(ack.uids)) return; // or left meanwhile
-  const uids = new Set(ack.uids.map(String));
-  if (c.members && c.name !== LOBBY) {
-    for (const uid of uids) if (!c.members.has(uid)) add(c, { kind: "note", who: uid, text: " joined the room" });
-    for (const uid of c.members) if (!uids.has(uid)) add(c, { kind: "note", who: uid, text: " left the room" });
-  }
-  c.members = uids;
-  if (c === current) {
-    const people = uids.size === 1 ? "1 person" : `${uids.size} people`;
-    $("conv-info").textContent = `${people}, ${ack.count === 1 ? "1 connection" : `${ack.count} connections`}`;
-  }
-  if (c.name === LOBBY) renderOnline(uids);
-}
-
-function renderOnline(uids) {
-  const sorted = [...uids].sort((a, b) => a.localeCompare(b));
-  $("online-count").textContent = `(${sorted.length})`;
-  $("online").replaceChildren(...sorted.map((uid) => {
-    const li = el("li", uid === me ? "self" : "");
-    li.dataset.uid = uid;
-    if (uid === me) {
-      li.append(el("span", "name", bdi(uid), " (you)"));
-    } else {
-      const button = el("button", "", el("span", "name", bdi(uid)));
-      button.type = "button";
-      button.title = "private chat with " + isolate(uid);
-      button.onclick = () => open(conv("dm:" + uid, "dm", uid));
-      li.append(button);
-    }
-    return li;
-  }));
-}
+const roomNames = () => [...convs.values()].filter((c) => c.kind === "room").map((c) => c.name);
 
 // --- the network ------------------------------------------------------------------------
 
@@ -236,6 +181,24 @@ client.on("message", (f) => {
   }
 });
 
+// History: missed messages come back by themselves after a reconnect or a reload (the client
+// resumes from its positions, kept here per name); when some could not, the conversation says so.
+client.on("recovered", (r) => { if (r.recovered === false && r.reason !== "no_history") lost(r.stream, r.reason); });
+client.on("gap", (f) => { // of a stream with history: the uid's, or a room still joined
+  if (typeof f.stream === "string" && (!f.stream.startsWith("group:") || client.groups.has(f.stream.slice(6)))) lost(f.stream, f.reason);
+});
+function lost(stream, reason) {
+  const room = stream.startsWith("group:") ? stream.slice(6) : null;
+  const c = room !== null ? conv("room:" + room, "room", room) : conv("system", "system", "system");
+  add(c, { kind: "note", text: `some ${room === null ? "private " : ""}messages could not be recovered (${reason})` });
+}
+let keepTimer = 0;
+function keepPositions() { // soon, not on every message; and when the page goes
+  if (!keepTimer) keepTimer = setTimeout(() => { keepTimer = 0; if (me) savePositions(me, client.positions()); }, 500);
+}
+for (const event of ["message", "recovered", "gap"]) client.on(event, keepPositions);
+addEventListener("pagehide", () => { if (me && refused === null) savePositions(me, client.positions()); });
+
 client.on("presence", (f) => {
   const c = convs.get("room:" + f.group);
   if (c) watchRoom(c);
@@ -271,22 +234,15 @@ function needToken(reason) {
 
 async function joinRoom(name, focus, save = true) {
   await client.join(name, { presence: true });
+  return showRoom(name, focus, save);
+}
+
+function showRoom(name, focus, save) {
   const c = conv("room:" + name, "room", name);
-  if (save) saveRooms();
+  if (save) saveRooms(roomNames());
   if (focus) open(c);
   else refreshRoom(c);
   return c;
-}
-
-function saveRooms() {
-  const rooms = [...convs.values()].filter((c) => c.kind === "room" && c.name !== LOBBY);
-  sessionStorage.setItem("wscluster.rooms", JSON.stringify(rooms.map((c) => c.name)));
-}
-
-function savedRooms() {
-  let rooms = [];
-  try { rooms = JSON.parse(sessionStorage.getItem("wscluster.rooms") || "[]"); } catch { /* none */ }
-  return Array.isArray(rooms) ? rooms.filter((r) => typeof r === "string" && r !== LOBBY) : [];
 }
 
 async function login(name) {
@@ -299,24 +255,39 @@ async function login(name) {
   if (ack) await enter(ack.uid || name, false);
 }
 
-/** Show the chat as `uid`, in the lobby and the rooms this tab was in (read before any join). */
+/**
+ * Show the chat as `uid`, in the lobby and the rooms this tab was in (read before any join):
+ * the uid and the rooms with a kept position are resumed (at once: no message of them can come
+ * between the login's ack and the resume), the others joined.
+ */
 async function enter(uid, viaToken) {
+  const rooms = [LOBBY, ...savedRooms()];
+  const kept = loadPositions(uid);
+  const streams = Object.fromEntries(Object.entries(kept).filter(([s]) => !s.startsWith("group:") || rooms.includes(s.slice(6))));
+  const presence = Object.keys(streams).filter((s) => s.startsWith("group:"));
+  const resumed = Object.keys(streams).length && client.resume(streams, { presence }).catch((err) => {
+    toast(`could not resume: ${err.code || err.message}`); // then the rooms are joined below
+  });
   me = uid;
   byToken = viaToken;
   if (!viaToken) sessionStorage.setItem("wscluster.name", me);
   $("me").textContent = me;
   $("logout-btn").textContent = viaToken ? "log out" : "change name";
   show("chat");
-  for (const room of [LOBBY, ...savedRooms()]) {
-    await joinRoom(room, room === LOBBY, false).catch((err) => toast(`could not join ${isolate(room)}: ${err.code || err.message}`));
+  await resumed;
+  for (const room of rooms) {
+    if (client.groups.has(room)) showRoom(room, room === LOBBY, false);
+    else await joinRoom(room, room === LOBBY, false).catch((err) => toast(`could not join ${isolate(room)}: ${err.code || err.message}`));
   }
-  saveRooms();
+  saveRooms(rooms.filter((r) => client.groups.has(r)));
+  keepPositions();
   $("text").focus();
   loadNodes(); // the links to other nodes carry the name
 }
 
 async function logout() {
-  for (const key of ["wscluster.name", "wscluster.rooms", "wscluster.token"]) sessionStorage.removeItem(key);
+  savePositions(me, client.positions()); // for this name's return
+  forgetTab();
   if (byToken) { // the token is this page's identity: start again without it
     refused = "logged out";
     client.close();
@@ -381,7 +352,7 @@ $("leave-btn").onclick = async () => {
   }
   unwatch(c);
   convs.delete(c.key);
-  saveRooms();
+  saveRooms(roomNames());
   open(conv("room:" + LOBBY, "room", LOBBY));
 };
 

@@ -5,7 +5,7 @@ import { $, el } from "./view.js";
 /**
  * Keep the chooser (and, on a node's own page, the client's fallback URLs) up to date.
  * ctx: {client, base, own, wsScheme, auth, token, identity: () => ({me, byToken}),
- *   rooms: () => [joined room names]}.
+ *   rooms: () => [joined room names], positions: () => "" or the tab's positions (store.js)}.
  * @returns {() => Promise<void>} read the list again now
  */
 export function nodeChooser(ctx) {
@@ -13,7 +13,8 @@ export function nodeChooser(ctx) {
   $("node-select").onchange = (ev) => {
     const opt = ev.target.selectedOptions[0];
     if (!opt || !opt.value) return;
-    // another origin has its own sessionStorage: what this tab knows goes in the URL
+    // another origin has its own storage: what this tab knows goes in the URL (the positions
+    // too, so that the page there resumes where this one is)
     location.href = opt.value + (opt.dataset.cross ? carried() : "");
   };
 
@@ -24,6 +25,7 @@ export function nodeChooser(ctx) {
     if (token) carry.set("token", token);
     const rooms = ctx.rooms();
     if (rooms.length) carry.set("rooms", JSON.stringify(rooms));
+    if (ctx.positions()) carry.set("positions", ctx.positions());
     return carry.toString() ? "?" + carry : "";
   }
   // Read again every 30 s; every 3 s at first while a node lists only itself (it may lag).
