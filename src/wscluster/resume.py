@@ -117,10 +117,12 @@ class Resume:
         buffered = mine.pop(stream, None) if mine is not None else None
         if mine is not None and not mine:
             del streams.buffers[conn.cid]
+        outbox = self.node.outbox
+        drop = outbox.drop(stream) if outbox else False
         for off, ep, frame, kind in buffered or ():
             if ep == epoch and off <= last:
                 continue
-            conn.push(frame, kind)
+            conn.push(frame, kind, drop)
             epoch, last = ep, off
         if epoch and not conn.closing:
             streams.floors.setdefault(conn.cid, {})[stream] = (epoch, last)

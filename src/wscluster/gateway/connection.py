@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
@@ -23,6 +24,7 @@ SLOW_CONSUMER_CLOSE = 1013
 _ABORT_AFTER = 2.0  # seconds between our close frame and dropping the TCP link
 # Codes a peer may not put on the wire (RFC 6455 7.4.1): answered with 1000 instead.
 _NOT_ECHOED = frozenset({WSCloseCode.NO_INFO, WSCloseCode.ABNORMAL_CLOSURE})
+HELD_COST = 128  # bytes charged per held message on top of its payload (tuple, int, header)
 
 
 class ConnectionHost(Protocol):
@@ -66,6 +68,7 @@ class Connection(WSListener):
         self.inflight = 0  # requests waiting for the broker or presence store
         self.reading_paused = False
         self.frozen = False  # reading stopped for good (drain)
+        self._backlog: Backlog | None = None  # held while congested (see push); else None
         self._frag: bytearray | None = None
         self._frag_binary = False
         cfg = host.config
@@ -111,6 +114,7 @@ class Connection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
+        self._backlog = None
         if self.close_code is None:
             self.close_code = _code(WSCloseCode.ABNORMAL_CLOSURE)
         if self.expiry is not None:
@@ -121,7 +125,18 @@ class Connection(WSListener):
         self.congested = True
 
     def resume_writing(self) -> None:
+        """The transport's buffer drained below its low mark: write what was held back, in
+        order, until it is full again."""
         self.congested = False
+        backlog, transport = self._backlog, self.transport
+        if backlog is None or transport is None:
+            return
+        while not self.congested:  # a write over the high mark calls pause_writing at once
+            held = backlog.pop()
+            if held is None:
+                self._backlog = None
+                return
+            transport.send(*held)
 
     # --- inbound ---------------------------------------------------------------------
     def _check_frag(self) -> bool:
@@ -143,15 +158,40 @@ class Connection(WSListener):
         self.host.on_text(self, payload)
 
     # --- outbound --------------------------------------------------------------------
-    def push(self, payload: bytes, kind: WSMsgType = WSMsgType.TEXT) -> None:
-        """Write one frame (already encoded). Closes a client that stopped reading."""
+    def push(
+        self, payload: bytes, kind: WSMsgType = WSMsgType.TEXT, droppable: bool = False
+    ) -> None:
+        """Write one frame (already encoded). Closes a client that stopped reading: 1013
+        when more than ``--max-outbox`` bytes wait for it. While the transport is congested,
+        a ``droppable`` message (of a drop-oldest stream, see outbox.py) is held back instead,
+        and so is every message after it until the backlog is written (the order is kept);
+        past ``--max-outbox`` held bytes of droppable messages, the oldest are dropped."""
         if self.closing or self.transport is None:
             return
+        if self._backlog is not None or (droppable and self.congested):
+            self._hold(payload, kind, droppable)
+            return
         self.transport.send(kind, payload)
-        if self.congested:
+        if self.congested and not droppable:  # the next droppable one will be held
             buffered = self.transport.underlying_transport.get_write_buffer_size()
             if buffered > self.host.config.max_outbox:
                 self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
+
+    def _hold(self, payload: bytes, kind: WSMsgType, droppable: bool) -> None:
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = Backlog()
+        limit = self.host.config.max_outbox
+        if droppable:
+            dropped = backlog.add_droppable(kind, payload, limit)
+            if dropped:
+                self.host.metrics.outbox_dropped.inc(dropped)
+            return
+        backlog.add(kind, payload)
+        assert self.transport is not None
+        buffered = self.transport.underlying_transport.get_write_buffer_size()
+        if backlog.kept_bytes + buffered > limit:
+            self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
 
     def reply(self, payload: bytes) -> None:
         self.push(payload)
@@ -194,6 +234,10 @@ class Connection(WSListener):
         self.close_code = code
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None and code != SLOW_CONSUMER_CLOSE:  # it goes before the close
+            while (held := backlog.pop()) is not None:
+                transport.send(*held)
         transport.send_close(WSCloseCode(code), _reason(reason))
         if self.reading_paused:  # read again to see the peer's close frame (data is dropped)
             self.reading_paused = False
@@ -241,6 +285,51 @@ class Connection(WSListener):
             self.reading_paused = True
             if self.transport is not None:
                 self.transport.underlying_transport.pause_reading()
+
+
+class Backlog:
+    """The messages a congested connection holds back, in push order: the droppable ones
+    (dropped oldest first past the bound) and the others (never dropped), merged by a
+    sequence number when written."""
+
+    __slots__ = ("droppable_bytes", "drops", "keeps", "kept_bytes", "seq")
+
+    def __init__(self) -> None:
+        self.drops: deque[tuple[int, WSMsgType, bytes]] = deque()
+        self.keeps: deque[tuple[int, WSMsgType, bytes]] = deque()
+        self.droppable_bytes = 0  # held bytes of droppable messages (charged HELD_COST each)
+        self.kept_bytes = 0  # held bytes of the others
+        self.seq = 0
+
+    def add(self, kind: WSMsgType, payload: bytes) -> None:
+        self.seq += 1
+        self.keeps.append((self.seq, kind, payload))
+        self.kept_bytes += len(payload) + HELD_COST
+
+    def add_droppable(self, kind: WSMsgType, payload: bytes, limit: int) -> int:
+        """Hold a droppable message, then drop the oldest ones (maybe this one) until they
+        weigh at most ``limit`` bytes; how many were dropped."""
+        self.seq += 1
+        self.drops.append((self.seq, kind, payload))
+        self.droppable_bytes += len(payload) + HELD_COST
+        n = 0
+        while self.droppable_bytes > limit:
+            self.droppable_bytes -= len(self.drops.popleft()[2]) + HELD_COST
+            n += 1
+        return n
+
+    def pop(self) -> tuple[WSMsgType, bytes] | None:
+        """The oldest held message (droppable or not), or None when nothing is held."""
+        drops, keeps = self.drops, self.keeps
+        if keeps and (not drops or keeps[0][0] < drops[0][0]):
+            _, kind, payload = keeps.popleft()
+            self.kept_bytes -= len(payload) + HELD_COST
+        elif drops:
+            _, kind, payload = drops.popleft()
+            self.droppable_bytes -= len(payload) + HELD_COST
+        else:
+            return None
+        return kind, payload
 
 
 def _reason(reason: str) -> bytes | None:
