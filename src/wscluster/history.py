@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .policy import compile_glob
+from .policy import FirstMatch
 
 MAX_RULES = 100
 MAX_KEEP = 1_000_000
 MAX_TTL = 30 * 86400.0
 META_TTL = 86400.0  # an idle stream keeps its epoch and offset this long after its history
-_CACHE = 10_000  # stream -> rule lookups remembered
 _RULE_RE = re.compile(r"^(?P<pattern>[^=]+)=(?P<n>\d+)/(?P<t>\d+(?:\.\d+)?)(?P<unit>[smhd]?)$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -58,34 +57,22 @@ def parse_rule(text: str) -> Rule:
 class Rules:
     """The ordered ``--history`` rules; ``match`` is cached (the hot path asks per message)."""
 
-    __slots__ = ("_cache", "_compiled", "rules")
+    __slots__ = ("_table", "rules")
 
     def __init__(self, specs: tuple[str, ...] | list[str] = ()) -> None:
         if len(specs) > MAX_RULES:
             raise ValueError(f"at most {MAX_RULES} --history rules")
         self.rules = tuple(parse_rule(s) for s in specs)
-        self._compiled = tuple((compile_glob(r.pattern), r) for r in self.rules)
-        self._cache: dict[str, Rule | None] = {}
+        self._table: FirstMatch[Rule | None] = FirstMatch(
+            [(r.pattern, r) for r in self.rules], None
+        )
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def match(self, stream: str) -> Rule | None:
         """The first rule matching the stream (an address string), or None."""
-        try:
-            return self._cache[stream]
-        except KeyError:
-            pass
-        found = None
-        if stream.startswith(("uid:", "group:")):
-            for regex, rule in self._compiled:
-                if regex.fullmatch(stream) is not None:
-                    found = rule
-                    break
-        if len(self._cache) >= _CACHE:
-            self._cache.clear()
-        self._cache[stream] = found
-        return found
+        return self._table.lookup(stream)
 
 
 # --- framing ---------------------------------------------------------------------------

@@ -10,13 +10,10 @@ connection stays open; any other message over a full outbox closes it with 1013
 
 from __future__ import annotations
 
-import re
-
-from .policy import compile_glob
+from .policy import FirstMatch
 
 MAX_RULES = 100
 ACTIONS = {"close": False, "drop-oldest": True}  # action -> droppable
-_CACHE = 10_000  # stream -> droppable lookups remembered
 _KINDS = ("uid:", "group:", "client:", "all")
 
 
@@ -40,16 +37,13 @@ def parse_rule(text: str) -> tuple[str, bool]:
 class OutboxRules:
     """The ordered ``--outbox-policy`` rules; ``drop`` is cached (asked per delivery)."""
 
-    __slots__ = ("_cache", "_compiled", "rules")
+    __slots__ = ("_table", "rules")
 
     def __init__(self, specs: tuple[str, ...] | list[str] = ()) -> None:
         if len(specs) > MAX_RULES:
             raise ValueError(f"at most {MAX_RULES} --outbox-policy rules")
         self.rules = tuple(parse_rule(s) for s in specs)
-        self._compiled: tuple[tuple[re.Pattern[str], bool], ...] = tuple(
-            (compile_glob(pattern), droppable) for pattern, droppable in self.rules
-        )
-        self._cache: dict[str, bool] = {}
+        self._table = FirstMatch(self.rules, False)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -57,18 +51,4 @@ class OutboxRules:
     def drop(self, stream: str) -> bool:
         """Whether the messages of ``stream`` (an address string) are droppable: the first
         matching rule says ``drop-oldest``. No rule, or a ``close`` rule first: False."""
-        if not self._compiled:
-            return False
-        try:
-            return self._cache[stream]
-        except KeyError:
-            pass
-        found = False
-        for regex, droppable in self._compiled:
-            if regex.fullmatch(stream) is not None:
-                found = droppable
-                break
-        if len(self._cache) >= _CACHE:
-            self._cache.clear()
-        self._cache[stream] = found
-        return found
+        return bool(self.rules) and self._table.lookup(stream)

@@ -18,12 +18,14 @@ non-boolean ``can_broadcast`` or ``presence`` counts as false. Only the first
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 MAX_PATTERNS = 100
+LOOKUP_CACHE = 10_000  # names remembered by a FirstMatch
+T = TypeVar("T")
 
 
 class Action(StrEnum):
@@ -147,3 +149,31 @@ class Policy:
 def _group_name(target: str) -> str | None:
     prefix, colon, name = target.partition(":")
     return name if prefix == "group" and colon else None
+
+
+class FirstMatch(Generic[T]):
+    """Ordered (glob pattern, value) rules: ``lookup`` gives the value of the first pattern
+    matching a name, or ``default``; answers are cached (bounded), as they are asked per
+    message."""
+
+    __slots__ = ("_cache", "_compiled", "_default")
+
+    def __init__(self, rules: Sequence[tuple[str, T]], default: T) -> None:
+        self._compiled = tuple((compile_glob(pattern), value) for pattern, value in rules)
+        self._default = default
+        self._cache: dict[str, T] = {}
+
+    def lookup(self, name: str) -> T:
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        found = self._default
+        for regex, value in self._compiled:
+            if regex.fullmatch(name) is not None:
+                found = value
+                break
+        if len(self._cache) >= LOOKUP_CACHE:
+            self._cache.clear()
+        self._cache[name] = found
+        return found

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from picows import WSMsgType
 
-from wscluster import outbox
 from wscluster.gateway.connection import HELD_COST, Backlog
 from wscluster.outbox import MAX_RULES, OutboxRules, parse_rule
+from wscluster.policy import LOOKUP_CACHE
 
 
 @pytest.mark.parametrize(
@@ -87,12 +87,12 @@ def test_star_spans_colons_and_other_characters_are_literal() -> None:
 
 def test_cached_answers_stay_right_and_the_cache_is_bounded() -> None:
     rules = OutboxRules(["group:t:*=drop-oldest"])
-    n = outbox._CACHE  # more distinct streams than the cache remembers
+    n = LOOKUP_CACHE  # more distinct streams than the cache remembers
     for round_ in range(2):  # answers from the cache equal fresh ones
         for i in range(n):
             assert rules.drop(f"group:t:{i}") is True, round_
             assert rules.drop(f"group:u:{i}") is False, round_
-        assert len(rules._cache) <= outbox._CACHE
+        assert len(rules._table._cache) <= LOOKUP_CACHE
 
 
 # --- the per-connection backlog (gateway/connection.py) -----------------------------------
