@@ -115,8 +115,8 @@ def test_queue_needs_room() -> None:
 async def test_replies_resolve_their_request_by_id() -> None:
     pending, q = Pending(), PushQueue(10)
     first, second = pending.add(1), pending.add(2)
-    route({"type": "pong", "id": 2}, pending, q, last_id=2)
-    route({"type": "error", "id": 1, "code": "bad_request", "message": "x"}, pending, q, 2)
+    route({"type": "pong", "id": 2}, pending, q.put, last_id=2)
+    route({"type": "error", "id": 1, "code": "bad_request", "message": "x"}, pending, q.put, 2)
     assert second.result() == {"type": "pong", "id": 2}
     assert first.result()["code"] == "bad_request"
     assert len(pending) == 0
@@ -126,11 +126,11 @@ async def test_replies_resolve_their_request_by_id() -> None:
 async def test_unsolicited_frames_go_to_the_queue() -> None:
     pending, q = Pending(), PushQueue(10)
     fut = pending.add(5)
-    route(msg(1), pending, q, last_id=5)
-    route({"type": "error", "id": None, "code": "bad_json", "message": "?"}, pending, q, 5)
-    route({"type": "presence", "group": "g", "event": "join"}, pending, q, 5)
-    route({"type": "ack", "id": "mine"}, pending, q, 5)  # a send_nowait frame's own id
-    route({"type": "ack", "id": 99}, pending, q, 5)  # not one of ours
+    route(msg(1), pending, q.put, last_id=5)
+    route({"type": "error", "id": None, "code": "bad_json", "message": "?"}, pending, q.put, 5)
+    route({"type": "presence", "group": "g", "event": "join"}, pending, q.put, 5)
+    route({"type": "ack", "id": "mine"}, pending, q.put, 5)  # a send_nowait frame's own id
+    route({"type": "ack", "id": 99}, pending, q.put, 5)  # not one of ours
     assert [(await q.get())["type"] for _ in range(5)] == [
         "message", "error", "presence", "ack", "ack"
     ]  # fmt: skip
@@ -141,8 +141,8 @@ async def test_late_reply_to_timed_out_request_is_dropped() -> None:
     pending, q = Pending(), PushQueue(10)
     pending.add(3)
     pending.pop(3)  # the request gave up
-    route({"type": "ack", "id": 3}, pending, q, last_id=3)
-    route({"type": "ack", "id": True}, pending, q, last_id=3)  # bool is not an id of ours
+    route({"type": "ack", "id": 3}, pending, q.put, last_id=3)
+    route({"type": "ack", "id": True}, pending, q.put, last_id=3)  # bool is not an id of ours
     assert len(q) == 1
 
 
@@ -232,3 +232,12 @@ async def test_busy_refusals_are_retried_a_bounded_number_of_times(
         await client.connect()
     assert info.value.status == status
     assert refuser.attempts == 4  # the first try and 3 retries
+
+
+def test_positions_are_checked_and_kept_until_connected() -> None:
+    stored = {"uid:a": ["e1", 7], "group:g": [None, 0]}
+    client = Client("ws://127.0.0.1:9/ws", positions=stored)
+    assert client.positions() == stored and client.positions() is not stored
+    for bad in ({"all": ["e", 1]}, {"uid:a": ["e", -1]}, {"group:g": "e:1"}):
+        with pytest.raises(ValueError):
+            Client("ws://127.0.0.1:9/ws", positions=bad)

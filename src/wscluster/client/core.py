@@ -8,8 +8,9 @@
 
 Requests carry integer ids and are matched to their ``ack``/``pong``/``error`` by id.
 When the link drops with a non-terminal close code the client reconnects (capped
-exponential backoff, full jitter), logs in again and re-joins its groups, in that order,
-before it sets ``reconnected``. Requests in flight when the link broke fail with
+exponential backoff, full jitter), logs in again, resumes the streams it has a position for
+(its uid and groups with history, see ``positions``) and re-joins the other groups, in that
+order, before it sets ``reconnected``. Requests in flight when the link broke fail with
 :class:`ConnectionClosed`; requests made while reconnecting wait for the new link.
 """
 
@@ -18,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from picows import WSError, WSHandshakeError, ws_connect
-
 from ..backoff import Backoff
-from .link import Link
+from .link import Link, open_link
+from .positions import Inbox, Positions, parse_position
 from .protocol import (
     ConnectionClosed,
     Frame,
@@ -36,6 +35,7 @@ from .protocol import (
     ServerError,
     retryable_status,
 )
+from .resume import apply_groups, restore_streams, resume_on
 from .session import supervise
 
 log = logging.getLogger("wscluster.client")
@@ -60,6 +60,8 @@ class Client:
         request_timeout: float = 10.0,
         max_queue: int = 10000,
         headers: dict[str, str] | None = None,
+        positions: Mapping[str, object] | None = None,
+        max_held: int = 10000,
     ) -> None:
         self.url = url
         self.reconnect = reconnect
@@ -88,6 +90,9 @@ class Client:
         self._backoff = Backoff(backoff_base, backoff_cap)  # kept across drops (session.py)
         self._installed_at = 0.0  # when the current link was installed (monotonic)
         self._queue = PushQueue(max_queue)
+        # the last [epoch, offset] per stream with history; pushed frames pass the inbox
+        self._positions = Positions(positions)
+        self._inbox = Inbox(self._positions, self._queue.put, max_held)
         self._ids = itertools.count(1)
         self._last_id = 0
         self._link: Link | None = None
@@ -100,8 +105,18 @@ class Client:
 
     @property
     def dropped(self) -> int:
-        """Pushed frames discarded because the queue was full."""
-        return self._queue.dropped
+        """Pushed frames discarded because the queue (or, while resuming, the hold) was full."""
+        return self._queue.dropped + self._inbox.overflowed
+
+    @property
+    def duplicates(self) -> int:
+        """Messages not delivered because their offset was not past the stream's position."""
+        return self._inbox.duplicates
+
+    def positions(self) -> dict[str, list[str | int | None]]:
+        """The last position per stream with history, ``{stream: [epoch, offset]}``: store it
+        and pass it back as ``positions=`` to resume from there."""
+        return self._positions.snapshot()
 
     @property
     def groups(self) -> dict[str, bool]:
@@ -122,9 +137,11 @@ class Client:
             return self.welcome
         backoff = Backoff(self.backoff_base, self.backoff_cap)
         refusals = 0
+        seeded = list(self._positions.snapshot())  # from positions=: resumed after the login
+        hold_id = self._inbox.hold(seeded)
         while True:
             try:
-                link = await self._open_link()
+                link = await open_link(self)
                 break
             except HandshakeRefused as exc:
                 if not retryable_status(exc.status) or refusals >= self.max_handshake_retries:
@@ -135,8 +152,14 @@ class Client:
             welcome = self._install(link)
             if self._initial_uid is not None:
                 await self.login(self._initial_uid)
-            elif self._token is not None and welcome.get("uid") is None:
+            elif self._token is not None and (
+                welcome.get("uid") is None or f"uid:{welcome['uid']}" not in self._positions
+            ):  # (bound by the handshake: the login ack has the uid's position)
                 await self.login(token=self._token)
+            groups = [s.removeprefix("group:") for s in seeded if s.startswith("group:")]
+            rest = await restore_streams(self, link, hold_id, dict.fromkeys(groups, False), seeded)
+            for group in rest:  # the resume was refused as a whole
+                await self.join(group)
         except BaseException:
             await self.close()
             raise
@@ -177,14 +200,8 @@ class Client:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
-        if not self._ready.is_set():
-            if self._link is None and self._supervisor is None:
-                raise ConnectionClosed(None, "not connected: call connect() first")
-            await asyncio.wait_for(self._ready.wait(), self.request_timeout)
-        if self._finished is not None or self._link is None:
-            exc = self._finished or ConnectionClosed(None, "not connected")
-            raise ConnectionClosed(exc.code, exc.reason)
-        return await self._request_on(self._link, frame, deadline - loop.time())
+        link = await self._current_link()
+        return await self._request_on(link, frame, deadline - loop.time())
 
     def send_nowait(self, frame: Frame) -> None:
         """Send a raw frame as is (fire and forget); raises ConnectionClosed when not connected."""
@@ -199,16 +216,23 @@ class Client:
         frame: Frame = {"type": "login", "uid": uid} if uid is not None else {"type": "login"}
         if token is not None:
             frame["token"] = token
+
         def apply(ack: Frame) -> None:
             self._login = frame
             if token is not None:
                 self._token = token
-            self.uid = ack.get("uid", uid)
+            old, self.uid = self.uid, ack.get("uid", uid)
+            if old is not None and old != self.uid:
+                self._positions.forget(f"uid:{old}")
+            if self.uid is not None:
+                self._positions.fill(f"uid:{self.uid}", ack)
 
         return await self._tracked("login", frame, apply)
 
     async def logout(self) -> Frame:
         def apply(ack: Frame) -> None:
+            if self.uid is not None:
+                self._positions.forget(f"uid:{self.uid}")
             self._login = None
             self.uid = None
 
@@ -218,30 +242,66 @@ class Client:
         frame: Frame = {"type": "join", "group": group}
         if presence:
             frame["presence"] = True
-        return await self._tracked(
-            f"group:{group}", frame, lambda ack: self._groups.__setitem__(group, presence)
-        )
+
+        def apply(ack: Frame) -> None:
+            self._groups[group] = presence
+            self._positions.fill(f"group:{group}", ack)
+
+        return await self._tracked(f"group:{group}", frame, apply)
 
     async def leave(self, group: str) -> Frame:
-        frame: Frame = {"type": "leave", "group": group}
-        return await self._tracked(
-            f"group:{group}", frame, lambda ack: self._groups.pop(group, None)
-        )
+        def apply(ack: Frame) -> None:
+            self._groups.pop(group, None)
+            self._positions.forget(f"group:{group}")
+
+        return await self._tracked(f"group:{group}", {"type": "leave", "group": group}, apply)
+
+    async def resume(self, streams: Mapping[str, object], *, presence: Iterable[str] = ()) -> Frame:
+        """Resume ``streams`` (``{stream: [epoch, offset]}``; ``[None, 0]``: everything
+        retained; ``None``: from the client's own position, else everything): the groups are
+        joined (with presence events for the ``group:`` streams in ``presence``), the missed
+        messages are delivered in offset order, then the live ones. Returns the ack (one
+        result per stream, e.g. ``{"recovered": False, "reason": "too_old", …}``)."""
+        asked = {
+            s: (self._positions.get(s) or (None, 0)) if v is None else parse_position(s, v)
+            for s, v in streams.items()
+        }
+        watch = [s for s in presence if s in asked]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        link = await self._current_link()
+        hold_id = self._inbox.hold(asked)
+        with self._latest(s for s in asked if s.startswith("group:")) as latest:
+            ack = await resume_on(self, link, hold_id, asked, watch, deadline - loop.time())
+        results = ack.get("streams")
+        if isinstance(results, dict):
+            apply_groups(self, {s: e for s, e in results.items() if s in latest}, watch)
+        return ack
 
     async def _tracked(self, key: str, frame: Frame, apply: Callable[[Frame], object]) -> Frame:
         """Send a request that changes what a reconnect restores (the login, a group), and
         apply its ack to that bookkeeping only if no later request for the same key was made
         meanwhile: a join and a leave sent at once may be acked leave first."""
-        intent = self._intents[key] = next(self._intent_ids)
-        try:
+        with self._latest([key]) as latest:
             ack = await self.request(frame)
-        finally:
-            latest = self._intents.get(key) == intent
-            if latest:
-                del self._intents[key]
         if latest:
             apply(ack)
         return ack
+
+    @contextlib.contextmanager
+    def _latest(self, keys: Iterable[str]) -> Iterator[set[str]]:
+        """Record a request for ``keys``; on exit the set holds those for which no later
+        request was made meanwhile."""
+        mine = {key: next(self._intent_ids) for key in keys}
+        self._intents.update(mine)
+        latest: set[str] = set()
+        try:
+            yield latest
+        finally:
+            for key, intent in mine.items():
+                if self._intents.get(key) == intent:
+                    del self._intents[key]
+                    latest.add(key)
 
     async def send(self, to: str, data: Any) -> Frame:
         return await self.request({"type": "send", "to": to, "data": data})
@@ -275,6 +335,17 @@ class Client:
     def _handshake_timeout(self) -> float:
         return min(self.request_timeout, 10.0)
 
+    async def _current_link(self) -> Link:
+        """The installed link, once usable (waiting for a reconnect up to request_timeout)."""
+        if not self._ready.is_set():
+            if self._link is None and self._supervisor is None:
+                raise ConnectionClosed(None, "not connected: call connect() first")
+            await asyncio.wait_for(self._ready.wait(), self.request_timeout)
+        if self._finished is not None or self._link is None:
+            exc = self._finished or ConnectionClosed(None, "not connected")
+            raise ConnectionClosed(exc.code, exc.reason)
+        return self._link
+
     async def _request_on(self, link: Link, frame: Frame, budget: float) -> Frame:
         frame_id = next(self._ids)
         self._last_id = frame_id
@@ -290,46 +361,6 @@ class Client:
             code, message = reply.get("code"), reply.get("message")
             raise ServerError(str(code), str(message or ""), reply.get("id"))
         return reply
-
-    async def _open_link(self) -> Link:
-        """Connect and wait for ``welcome``; the link is not installed yet."""
-        link = Link(self)
-        headers = dict(self.headers)
-        if self._token is not None:
-            headers.setdefault("Authorization", f"Bearer {self._token}")
-        self._connecting = link
-        try:
-            await ws_connect(
-                lambda: link,
-                self.url,
-                use_aiofastnet=False,
-                websocket_handshake_timeout=self._handshake_timeout,
-                extra_headers=headers or None,
-                enable_auto_ping=True,
-                auto_ping_idle_timeout=30,
-                auto_ping_reply_timeout=30,
-                logger_name=logging.getLogger("wscluster.client.picows"),
-            )
-        except WSHandshakeError as exc:
-            if exc.response is None:
-                raise ConnectionClosed(None, f"handshake failed: {exc}") from exc
-            raise HandshakeRefused(int(exc.response.status), _refusal(exc.raw_body)) from exc
-        except (OSError, WSError) as exc:
-            raise ConnectionClosed(None, f"cannot connect to {self.url}: {exc!r}") from exc
-        finally:
-            self._connecting = None
-        self._connecting = link  # until installed, close() must be able to drop it
-        try:
-            welcome = await asyncio.wait_for(asyncio.shield(link.welcome), self._handshake_timeout)
-            if welcome is None:
-                raise ConnectionClosed(
-                    link.close_code, link.close_reason or "closed before welcome"
-                )
-        except BaseException:
-            self._connecting = None
-            await link.shutdown(1.0)
-            raise
-        return link
 
     def _install(self, link: Link) -> Frame:
         welcome = link.welcome.result()
@@ -357,15 +388,6 @@ class Client:
             self._finished = exc
             self._queue.close(exc)
             self._ready.set()  # wake waiting requests: they see _finished and raise
-
-
-def _refusal(body: bytes | None) -> str:
-    """The reason in a refused handshake's JSON body, if it has one."""
-    try:
-        reason = json.loads(body or b"").get("error", "")
-    except (ValueError, AttributeError):
-        return ""
-    return reason[:200] if isinstance(reason, str) else ""
 
 
 async def connect(url: str, **kwargs: Any) -> Client:

@@ -1,15 +1,25 @@
-"""One WebSocket connection of a ``Client`` (see ``core``): the picows listener."""
+"""One WebSocket connection of a ``Client`` (see ``core``): the picows listener, opening it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING
 
 import msgspec
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import (
+    WSCloseCode,
+    WSError,
+    WSFrame,
+    WSHandshakeError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
 
-from .protocol import ConnectionClosed, Frame, Pending, decode_frame, route
+from .protocol import ConnectionClosed, Frame, HandshakeRefused, Pending, decode_frame, route
 
 if TYPE_CHECKING:
     from .core import Client
@@ -43,7 +53,7 @@ class Link(WSListener):
                 elif obj.get("type") == "welcome" and not self.welcome.done():
                     self.welcome.set_result(obj)
                 else:
-                    route(obj, self.pending, self.client._queue, self.client._last_id)
+                    route(obj, self.pending, self.client._inbox.put, self.client._last_id)
             elif frame.msg_type is WSMsgType.CLOSE:
                 close_code = frame.get_close_code()
                 self.close_code = int(close_code.value) or 1005  # 1005: no status code
@@ -82,3 +92,51 @@ class Link(WSListener):
             transport.disconnect(graceful=False)
         except Exception:  # a local failure picows re-raises; the socket is closed anyway
             pass
+
+
+async def open_link(client: Client) -> Link:
+    """Connect a client and wait for ``welcome``; the link is not installed yet."""
+    link = Link(client)
+    headers = dict(client.headers)
+    if client._token is not None:
+        headers.setdefault("Authorization", f"Bearer {client._token}")
+    client._connecting = link
+    try:
+        await ws_connect(
+            lambda: link,
+            client.url,
+            use_aiofastnet=False,
+            websocket_handshake_timeout=client._handshake_timeout,
+            extra_headers=headers or None,
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=30,
+            auto_ping_reply_timeout=30,
+            logger_name=logging.getLogger("wscluster.client.picows"),
+        )
+    except WSHandshakeError as exc:
+        if exc.response is None:
+            raise ConnectionClosed(None, f"handshake failed: {exc}") from exc
+        raise HandshakeRefused(int(exc.response.status), _refusal(exc.raw_body)) from exc
+    except (OSError, WSError) as exc:
+        raise ConnectionClosed(None, f"cannot connect to {client.url}: {exc!r}") from exc
+    finally:
+        client._connecting = None
+    client._connecting = link  # until installed, close() must be able to drop it
+    try:
+        welcome = await asyncio.wait_for(asyncio.shield(link.welcome), client._handshake_timeout)
+        if welcome is None:
+            raise ConnectionClosed(link.close_code, link.close_reason or "closed before welcome")
+    except BaseException:
+        client._connecting = None
+        await link.shutdown(1.0)
+        raise
+    return link
+
+
+def _refusal(body: bytes | None) -> str:
+    """The reason in a refused handshake's JSON body, if it has one."""
+    try:
+        reason = json.loads(body or b"").get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    return reason[:200] if isinstance(reason, str) else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ Frame = dict[str, Any]
 TERMINAL_CLOSE_CODES = frozenset({1008, 4001})  # policy, kicked by the server API
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx: busy, full or draining, try later
 REPLY_TYPES = frozenset({"ack", "pong", "error"})
+TRANSIENT_ERRORS = frozenset({"unavailable", "rate_limited"})  # a session restore is retried
 MAX_RETRY_HINT = 60.0
 
 
@@ -150,8 +152,8 @@ class Pending(dict[int, "asyncio.Future[Frame]"]):
                 fut.set_exception(ConnectionClosed(exc.code, exc.reason))
 
 
-def route(frame: Frame, pending: Pending, queue: PushQueue, last_id: int) -> None:
-    """Deliver a frame: replies to their request, the rest (and foreign replies) to the queue.
+def route(frame: Frame, pending: Pending, push: Callable[[Frame], None], last_id: int) -> None:
+    """Deliver a frame: replies to their request, the rest (and foreign replies) to ``push``.
 
     A reply carrying one of our own ids that nobody waits for any more (the request timed
     out) is dropped, so late acks never show up as pushed frames.
@@ -162,4 +164,4 @@ def route(frame: Frame, pending: Pending, queue: PushQueue, last_id: int) -> Non
         frame_id = frame.get("id")
         if type(frame_id) is int and 0 < frame_id <= last_id:
             return
-    queue.put(frame)
+    push(frame)

@@ -9,8 +9,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .link import Link
+from .link import Link, open_link
 from .protocol import (
+    TRANSIENT_ERRORS,
     ConnectionClosed,
     Frame,
     HandshakeRefused,
@@ -19,6 +20,7 @@ from .protocol import (
     retry_hint,
     retryable_status,
 )
+from .resume import restore_streams, wanted
 
 if TYPE_CHECKING:
     from .core import Client
@@ -68,7 +70,7 @@ async def _reconnect(client: Client, hint: float | None) -> Link | None:
     backoff = client._backoff
     if time.monotonic() - client._installed_at >= STABLE_SESSION:
         backoff.reset()
-    refusals = failures = 0
+    refusals = failures = hold_id = 0
     while True:
         delay = backoff.next() + (hint or 0.0)
         hint = None
@@ -76,8 +78,12 @@ async def _reconnect(client: Client, hint: float | None) -> Link | None:
             await asyncio.wait_for(client._stop.wait(), delay)
         if client._closing:
             return None
+        # the frames of the streams to resume wait from the welcome on, until the resume's
+        # ack releases them; a failed attempt's are dropped (the next resume replays them)
+        client._inbox.discard(hold_id)
+        hold_id = client._inbox.hold(wanted(client, client._groups))
         try:
-            link = await client._open_link()
+            link = await open_link(client)
         except HandshakeRefused as exc:
             if not retryable_status(exc.status) or refusals >= client.max_handshake_retries:
                 client._finish(exc)
@@ -93,37 +99,49 @@ async def _reconnect(client: Client, hint: float | None) -> Link | None:
             await link.shutdown(1.0)
             return None
         try:
-            await _restore(client, link)
+            await _restore(client, link, hold_id)
         except (ConnectionClosed, TimeoutError) as exc:
             log.debug("session restore on %s failed: %s", client.url, exc)
             await link.shutdown(1.0)
             continue
-        except ServerError as exc:  # the server refuses our login now: give up
+        except ServerError as exc:
             await link.shutdown(1.0)
+            if exc.code in TRANSIENT_ERRORS:  # e.g. the node's store is coming back
+                log.info("session restore on %s failed: %s; retrying", client.url, exc)
+                continue
             client._finish(ConnectionClosed(None, f"cannot restore the session: {exc}"))
-            return None
+            return None  # the server refuses our login now: give up
         if link.lost.done():
             continue
         client._install(link)
         return link
 
 
-async def _restore(client: Client, link: Link) -> None:
-    """Replay login, then every join, on a fresh link (before it is installed)."""
+async def _restore(client: Client, link: Link, hold_id: int) -> None:
+    """Replay the login, resume the streams with a position, re-join the other groups, on a
+    fresh link (before it is installed)."""
     welcome = link.welcome.result() or {}
     login = client._login
     if login is not None and not ("token" in login and welcome.get("uid") is not None):
         ack = await client._request_on(link, login, client.request_timeout)
         client.uid = ack.get("uid", login.get("uid"))
-    for group, presence in list(client._groups.items()):
+        if client.uid is not None:
+            client._positions.fill(f"uid:{client.uid}", ack)
+    groups = dict(client._groups)
+    rest = await restore_streams(client, link, hold_id, groups, wanted(client, groups))
+    for group, presence in rest.items():
         frame: Frame = {"type": "join", "group": group}
         if presence:
             frame["presence"] = True
         try:
-            await client._request_on(link, frame, client.request_timeout)
+            ack = await client._request_on(link, frame, client.request_timeout)
         except ServerError as exc:
+            if exc.code in TRANSIENT_ERRORS:
+                raise
             log.warning("cannot re-join %r after reconnect: %s", group, exc)
             client._groups.pop(group, None)
+        else:
+            client._positions.fill(f"group:{group}", ack)
 
 
 async def _call_on_reconnect(client: Client) -> None:
