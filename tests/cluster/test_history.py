@@ -222,7 +222,7 @@ async def test_cli_send_with_history_gets_offsets(hcluster: Cluster, unique: str
 async def test_store_lost_is_announced_and_resume_says_so(
     own_valkey: EmbeddedRedis, make_cluster: Any, unique: str
 ) -> None:
-    c = make_cluster(own_valkey.url, 2, RULES + ["--node-heartbeat", "0.5"])
+    c = make_cluster(own_valkey.url, 2, [*RULES, "--node-heartbeat", "0.5"])
     room = f"group:h:{unique}"
     sub = await WS.open(c.ws_urls[0], f"s{unique}")
     await sub.ok({"type": "join", "group": f"h:{unique}"})
