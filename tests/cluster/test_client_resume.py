@@ -20,7 +20,10 @@ from wscluster.client import Client
 from wscluster.embedded import EmbeddedRedis, free_port
 
 Frame = dict[str, Any]
-RULES = ["--history", "group:*=1000/300s", "--history", "uid:*=1000/300s"]
+# a drained client may wait up to 5 s (the 1012's retry_ms) before it comes back: keep and
+# replay more than it can miss meanwhile
+RULES = ["--history", "group:*=10000/300s", "--history", "uid:*=10000/300s",
+         "--max-replay", "10000"]  # fmt: skip
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.3, "request_timeout": 5.0}
 
 
