@@ -83,9 +83,12 @@ def nodes_body(node_id: str, nodes: list[tuple[str, int]]) -> bytes:
 
 def health_body(node: Node) -> tuple[int, bytes]:
     ok, reason = node.health()
+    status = "ok" if ok else reason.partition(":")[0] if reason.startswith("degraded") else (
+        "draining" if reason == "draining" else "unavailable")  # fmt: skip
     body = msgspec.json.encode(
-        {"ok": ok, "reason": reason, "node": node.node_id, "connections": len(node.registry)}
-    )
+        {"ok": ok, "status": status, "reason": reason, "node": node.node_id,
+         "connections": len(node.registry)}
+    )  # fmt: skip
     return (200 if ok else 503), body
 
 
