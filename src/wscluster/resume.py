@@ -60,32 +60,44 @@ class Resume:
             work.append((stream, barrier, tracked))
 
         async def run() -> dict[str, Any]:
+            # Every stream keeps buffering until all are replayed; then the buffers are
+            # flushed and the ack built in one step (no await in between), so the ack's
+            # offsets are exactly the last ones sent before it.
+            done: list[tuple[str, dict[str, Any], str, int]] = []
             for stream, barrier, tracked in work:
                 try:
                     if barrier is not None:
                         await barrier
-                    results[stream] = await self._recover(conn, stream, positions[stream], tracked)
+                    result, epoch, last = await self._replay(
+                        conn, stream, positions[stream], tracked
+                    )
                 except ProtocolError as exc:
-                    self._flush(conn, stream, "", 0)
-                    results[stream] = {"error": exc.code.value}
+                    result, epoch, last = {"error": exc.code.value}, "", 0
+                done.append((stream, result, epoch, last))
+            for stream, result, epoch, last in done:
+                epoch, last = self._flush(conn, stream, epoch, last)
+                if "recovered" in result and result.get("reason") != "no_history":
+                    result.update(epoch=epoch, offset=last, replayed=result.pop("replayed"))
+                results[stream] = result
             return {"streams": results}
 
         self.handlers.reply(conn, cmd.id, run())
 
-    async def _recover(
+    async def _replay(
         self, conn: Connection, stream: str, position: tuple[str, int], tracked: bool
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str, int]:
+        """Send what the history has after ``position``: the verdict, and the position the
+        stream's buffered live messages continue from."""
         node, streams = self.node, self.node.streams
         if streams is None or not tracked:
-            return {"recovered": False, "reason": "no_history"}
+            return {"recovered": False, "reason": "no_history"}, "", 0
         epoch, offset = position
         limit = node.config.max_replay
         try:
             await streams.ensure(stream)
             read = await streams.store.read(stream, epoch, offset, limit)
         except PresenceUnavailable:
-            self._flush(conn, stream, "", 0)
-            return {"recovered": False, "reason": "unavailable"}
+            return {"recovered": False, "reason": "unavailable", "replayed": 0}, "", 0
         ok, reason = history.judge(epoch, offset, read.epoch, read.top, read.oldest, limit)
         after = offset if epoch and epoch == read.epoch else 0
         replayed = 0
@@ -100,12 +112,10 @@ class Resume:
                 conn.reply(history.splice(env.payload, off, read.epoch))
                 replayed += 1
         node.metrics.replayed.inc(replayed)
-        last_epoch, last = self._flush(conn, stream, read.epoch, read.top)
-        result: dict[str, Any] = {"recovered": ok}
+        result: dict[str, Any] = {"recovered": ok, "replayed": replayed}
         if reason is not None:
             result["reason"] = reason
-        result.update(epoch=last_epoch, offset=last, replayed=replayed)
-        return result
+        return result, read.epoch, read.top
 
     def _flush(self, conn: Connection, stream: str, epoch: str, last: int) -> tuple[str, int]:
         """Send the buffered live messages newer than ``[epoch, last]``, stop buffering and
