@@ -151,9 +151,13 @@ class EmbeddedRedis(ChildServer):
 
     name = "valkey-server"
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", appendonly: bool = False) -> None:
+    def __init__(
+        self, port: int = 0, host: str = "127.0.0.1", appendonly: bool = False,
+        appendfsync: str = "everysec",
+    ) -> None:  # fmt: skip
         super().__init__(port, host)
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # "always": nothing acknowledged is lost in a crash
 
     @property
     def url(self) -> str:
@@ -166,6 +170,7 @@ class EmbeddedRedis(ChildServer):
             "--bind", self.host,
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--dir", self._dir,
             "--protected-mode", "no",
             "--loglevel", "warning",

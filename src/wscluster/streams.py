@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,8 @@ class StreamState:
     last: int  # the last offset delivered here (0: none of this epoch)
     held: list[_Held] | None = None  # a repair is running: later messages wait here
     seen_top: int = 0  # the store's last offset at the previous position check
+    live_max: int = 0  # the highest offset received live in this epoch
+    bumping: bool = False  # the store went back in time: a new epoch is being set
     address: Address = field(default_factory=lambda: Address(Kind.ALL, ""))
 
 
@@ -74,7 +77,15 @@ class Streams:
             if not size(address.name):
                 return  # late, after the last local receiver left: nobody to track it for
             st = self.state[stream] = StreamState(epoch, offset - 1, address=address)
+        if epoch == st.epoch and offset <= st.live_max:
+            # pub/sub never repeats itself: the store went back in time
+            log.warning("%s: offset %d again after %d: the store lost appends", stream,
+                        offset, st.live_max)  # fmt: skip
+            self._rolled_back(st)
+            return
         self._accept(st, offset, epoch, env)
+        if epoch == st.epoch:
+            st.live_max = max(st.live_max, offset)
 
     def _accept(self, st: StreamState, offset: int, epoch: str, env: envelope.Envelope) -> None:
         if st.held is not None:
@@ -125,7 +136,7 @@ class Streams:
         missed some of the old one (not for a stream that had none)."""
         if st.epoch:
             self._gap(st, epoch, 0, "epoch_changed")
-        st.epoch, st.last = epoch, 0
+        st.epoch, st.last, st.live_max = epoch, 0, 0
 
     def _gap(self, st: StreamState, epoch: str, offset: int, reason: str) -> None:
         """Tell the local receivers that messages up to ``offset`` may be missing."""
@@ -141,6 +152,22 @@ class Streams:
         for cid, conn in self.node.registry.receivers(st.address):
             if stream not in self.buffers.get(cid, ()):
                 conn.reply(frame)
+
+    def _rolled_back(self, st: StreamState) -> None:
+        """The store lost appends this node had delivered (offsets are being reused): tell
+        the receivers, and start the stream over in a new epoch."""
+        self._gap(st, st.epoch, st.last, "lost")  # for every message that cannot be delivered
+        if not st.bumping:
+            st.bumping = True
+            self.node.spawn(self._bump(st, st.epoch))
+
+    async def _bump(self, st: StreamState, epoch: str) -> None:
+        try:
+            await self.store.bump(str(st.address), epoch, os.urandom(8).hex())
+        except PresenceUnavailable as exc:
+            log.warning("%s: could not start a new epoch: %s", st.address, exc)
+        finally:
+            st.bumping = False
 
     # --- repair ----------------------------------------------------------------------
     async def _repair(self, st: StreamState) -> None:
@@ -190,14 +217,22 @@ class Streams:
         """Compare every stream's last delivered offset with the store's: a tail still
         missing since the previous check (or any, when ``eager``) is repaired."""
         names = [s for s, st in self.state.items() if st.held is None]
+        before = [(self.state[s].epoch, self.state[s].last) for s in names]
         positions = await self.store.positions(names)
-        for stream, (epoch, top) in zip(names, positions, strict=True):
+        for stream, (epoch, top), (was_epoch, was_last) in zip(
+            names, positions, before, strict=True
+        ):
             st = self.state.get(stream)
-            if st is None or st.held is not None:
-                continue
+            if st is None or st.held is not None or st.epoch != was_epoch:
+                continue  # changed while the store was read: the answer may predate it
             changed = epoch != st.epoch
             if changed:
                 self._adopt(st, epoch)
+            elif top < was_last:
+                log.warning("%s: the store is at offset %d, behind %d: it lost appends",
+                            stream, top, was_last)  # fmt: skip
+                self._rolled_back(st)
+                continue
             behind = top > st.last and (eager or changed or st.seen_top > st.last)
             st.seen_top = top
             if behind:

@@ -56,7 +56,7 @@ def chaos_cluster(tmp_path: Path) -> Iterator[MakeChaosCluster]:
 @pytest.fixture
 def aof_valkey() -> Iterator[EmbeddedRedis]:
     """A private valkey with appendonly on: what it acked survives a kill -9 and restart."""
-    server = EmbeddedRedis(appendonly=True)
+    server = EmbeddedRedis(appendonly=True, appendfsync="always")
     try:
         server.start()
     except EmbeddedRedisError as exc:

@@ -295,3 +295,68 @@ def test_history_needs_redis(tmp_path: Any) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 2 and "--history" in out.stderr
+
+
+async def test_store_that_went_back_in_time_starts_a_new_epoch(
+    hcluster: Cluster, unique: str
+) -> None:
+    """A crash with AOF fsync every second can lose the last appends: their offsets would be
+    given to other messages. The node that delivered them notices (an offset it received
+    already), tells its receivers and starts the stream over in a new epoch."""
+    room, urls = f"group:h:{unique}", hcluster.ws_urls
+    sub = await WS.open(urls[0], f"s{unique}")
+    await sub.ok({"type": "join", "group": f"h:{unique}"})
+    pub = await WS.open(urls[1], f"p{unique}")
+    for i in range(5):
+        await send(pub, room, i)
+    old = (await messages(sub, 5))[-1]["epoch"]
+    meta, stream = f"{hcluster.namespace}:hm:{room}", f"{hcluster.namespace}:h:{room}"
+    admin = aioredis.from_url(hcluster.redis_url)
+    try:  # the store as a crash would leave it: offsets 4 and 5 forgotten, stream and counter
+        kept = await admin.xrange(stream, "-", "3-0")
+        await admin.delete(stream)
+        for entry_id, fields in kept:
+            await admin.xadd(stream, fields, id=entry_id)
+        await admin.hset(meta, "o", 3)
+    finally:
+        await admin.aclose()
+    frames: list[dict[str, Any]] = []
+    for i in range(50):  # until the new epoch is in place; each lost message is reported
+        await send(pub, room, i)
+        try:
+            while True:
+                frames.append(await sub.next(0.3, type=None))
+        except TimeoutError:
+            pass
+        if any(f["type"] == "message" for f in frames):
+            break
+    kinds = [(f["type"], f.get("reason")) for f in frames]
+    first = kinds.index(("message", None))
+    lost = frames[: first - 1]
+    assert lost and all((g["type"], g["reason"], g["epoch"], g["offset"]) ==
+                        ("gap", "lost", old, 5) for g in lost), kinds  # fmt: skip
+    assert kinds[first - 1] == ("gap", "epoch_changed"), kinds
+    msg = frames[first]  # the sends before it were each reported lost
+    assert (msg["epoch"], msg["offset"], msg["data"]) == (frames[first - 1]["epoch"], 1, len(lost))
+    assert msg["epoch"] != old
+
+
+async def test_counter_behind_its_stream_starts_a_new_epoch(hcluster: Cluster, unique: str) -> None:
+    """A counter that lost writes its stream kept: the append starts a new epoch itself."""
+    room, urls = f"group:h:{unique}", hcluster.ws_urls
+    sub = await WS.open(urls[0], f"s{unique}")
+    await sub.ok({"type": "join", "group": f"h:{unique}"})
+    pub = await WS.open(urls[1], f"p{unique}")
+    for i in range(5):
+        await send(pub, room, i)
+    old = (await messages(sub, 5))[-1]["epoch"]
+    admin = aioredis.from_url(hcluster.redis_url)
+    try:
+        await admin.hset(f"{hcluster.namespace}:hm:{room}", "o", 3)
+    finally:
+        await admin.aclose()
+    await send(pub, room, "next")
+    gap = await sub.next(5, "gap")
+    msg = await sub.next(5, "message")
+    assert gap["reason"] == "epoch_changed" and gap["epoch"] == msg["epoch"] != old
+    assert (msg["data"], msg["offset"]) == ("next", 1)

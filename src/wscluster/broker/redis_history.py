@@ -29,7 +29,16 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 'f', ARGV[2])
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset),
+                          'f', ARGV[2])
+if type(added) == 'table' and added.err then
+  -- the stream is ahead of the counter: the store lost part of its writes; start over
+  epoch = ARGV[6]
+  offset = 1
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '1-0', 'f', ARGV[2])
+end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PUBLISH', ARGV[1], string.format('#%d:%s:', offset, epoch) .. ARGV[2])
@@ -55,6 +64,16 @@ local start = string.format('%d-0', after + 1)
 return {m[1], top, oldest, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', limit), 0}
 """
 
+# KEYS: meta, stream. ARGV: the epoch that went back in time, a new epoch. A store that lost
+# its last appends (a crash with AOF fsync every second) would give their offsets to other
+# messages: the stream starts over in a new epoch instead, as after a loss.
+BUMP = """
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 'o', 0)
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Read:
@@ -73,6 +92,7 @@ class RedisHistory:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=16
         )
         self._read = self._redis.register_script(READ)
+        self._bump = self._redis.register_script(BUMP)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -89,6 +109,14 @@ class RedisHistory:
         if raw[4]:
             entries.reverse()
         return Read(_text(raw[0]), int(raw[1]), int(raw[2]), entries)
+
+    async def bump(self, stream: str, epoch: str, new_epoch: str) -> bool:
+        """Start the stream over in ``new_epoch`` if it is still in ``epoch``."""
+        keys = [self._names.history_meta_key(stream), self._names.history_key(stream)]
+        try:
+            return bool(await self._bump(keys=keys, args=[epoch, new_epoch]))
+        except (RedisError, OSError) as exc:
+            raise PresenceUnavailable(f"history store: {exc}") from None
 
     async def positions(self, streams: list[str]) -> list[tuple[str, int]]:
         """(epoch or '', last offset) of each stream, in one round trip."""
