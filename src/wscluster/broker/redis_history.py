@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from wscluster.errors import PresenceUnavailable
 
-POSITIONS_BATCH = 1000  # streams per pipeline of the position check
+POSITIONS_BATCH = 100  # streams per pipeline of the position check (short event-loop blocks)
 
 # KEYS: meta, stream. ARGV: channel, envelope, maxlen, ttl_ms, meta_ttl_ms, epoch candidate.
 APPEND = """
