@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wscluster.node")
 
+CHECK_MAX = 2000  # streams compared with the store per position check
 MAX_HELD = 100_000  # messages held per stream while a repair runs (then: gap, deliver)
 _Held = tuple[int, str, envelope.Envelope]
 Buffered = tuple[int, str, bytes, WSMsgType]  # offset, epoch, frame, kind
@@ -57,6 +58,7 @@ class Streams:
         self.state: dict[str, StreamState] = {}
         self.buffers: dict[str, dict[str, list[Buffered]]] = {}  # cid -> stream -> buffer
         self.floors: dict[str, dict[str, tuple[str, int]]] = {}  # cid -> stream -> position
+        self._check_from = 0  # where the next position check starts, on a node with many
 
     def tracked(self, stream: str) -> bool:
         return self.rules.match(stream) is not None
@@ -216,7 +218,7 @@ class Streams:
     async def check(self, eager: bool = False) -> None:
         """Compare every stream's last delivered offset with the store's: a tail still
         missing since the previous check (or any, when ``eager``) is repaired."""
-        names = [s for s, st in self.state.items() if st.held is None]
+        names = self._next_slice()
         before = [(self.state[s].epoch, self.state[s].last) for s in names]
         positions = await self.store.positions(names)
         for stream, (epoch, top), (was_epoch, was_last) in zip(
@@ -238,6 +240,16 @@ class Streams:
             if behind:
                 st.held = []
                 self.node.spawn(self._repair(st))
+
+    def _next_slice(self) -> list[str]:
+        """The streams to check this time: all of them, or the next CHECK_MAX in turn on a
+        node with more (each is still checked every few intervals)."""
+        names = [s for s, st in self.state.items() if st.held is None]
+        if len(names) <= CHECK_MAX:
+            return names
+        start = self._check_from % len(names)
+        self._check_from = start + CHECK_MAX
+        return (names[start:] + names[:start])[:CHECK_MAX]
 
     async def ensure(self, stream: str) -> dict[str, Any]:
         """The stream's position once this node is subscribed (read from the store when the
