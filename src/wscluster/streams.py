@@ -25,6 +25,7 @@ from picows import WSMsgType
 
 from . import envelope, frames, history
 from .errors import PresenceUnavailable
+from .gateway.connection import SLOW_CONSUMER_CLOSE
 from .routing import Address, Kind, parse_address
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wscluster.node")
 
 CHECK_MAX = 2000  # streams compared with the store per position check
-MAX_HELD = 100_000  # messages held per stream while a repair runs (then: gap, deliver)
+MAX_HELD = 10_000  # messages held per stream while a repair runs (then: gap, deliver)
+MAX_BUFFERED = 10_000  # live messages buffered per resuming stream (then: close 1013)
 _Held = tuple[int, str, envelope.Envelope]
 Buffered = tuple[int, str, bytes, WSMsgType]  # offset, epoch, frame, kind
 
@@ -122,7 +124,10 @@ class Streams:
             if buffers and (mine := buffers.get(cid)) is not None:
                 buf = mine.get(stream)
                 if buf is not None:
-                    buf.append((offset, epoch, frame, kind))
+                    if len(buf) < MAX_BUFFERED:
+                        buf.append((offset, epoch, frame, kind))
+                    else:  # its resume is too slow to keep up: it will resume again
+                        conn.close(SLOW_CONSUMER_CLOSE, "resume too slow")
                     continue
             if floors and (f := floors.get(cid)) is not None and (pos := f.get(stream)):
                 if pos[0] == epoch and offset <= pos[1]:
