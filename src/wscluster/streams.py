@@ -97,7 +97,7 @@ class Streams:
                 st.held.append((offset, epoch, env))
                 return
             log.warning("%s: repair too slow, %d messages held: giving up", env.to, MAX_HELD)
-            self._release(st)
+            self._release(st, unreadable=True)
         if epoch != st.epoch:
             self._adopt(st, epoch)
         if offset <= st.last:
@@ -192,14 +192,16 @@ class Streams:
         if self.state.get(str(st.address)) is not st:
             return  # nobody here listens any more
         if read is None:
-            self._release(st)
+            self._release(st, unreadable=True)
             return
         if read.epoch and read.epoch != st.epoch:
             self._adopt(st, read.epoch)
-        held = st.held or []
-        firsts = [o for o, e, _ in held[:1] if e == st.epoch]
-        firsts += [o for o, _ in read.entries[:1]]
-        nxt = min(firsts) if firsts else read.top + 1
+        # What the history no longer has (trimmed or expired) is lost; a hole between this
+        # read and the held messages is not: the next repair reads it (see _release).
+        if read.entries:
+            nxt = read.entries[0][0]
+        else:
+            nxt = read.top + 1 if read.top > st.last else st.last + 1
         if nxt > st.last + 1:
             self._gap(st, st.epoch, nxt - 1, "lost")
         self.node.metrics.repaired.inc(sum(1 for o, _ in read.entries if o > st.last))
@@ -211,12 +213,14 @@ class Streams:
                     log.warning("%s: undecodable history entry %d", st.address, offset)
         self._release(st)
 
-    def _release(self, st: StreamState) -> None:
-        """Deliver what was held (in order; a new hole starts a new repair)."""
+    def _release(self, st: StreamState, unreadable: bool = False) -> None:
+        """Deliver what was held, in order. A hole before it is announced when the history
+        could not be read; otherwise it starts a new repair (the read may predate messages
+        lost just before the first held one, which the history has by now)."""
         held, st.held = st.held or [], None
-        for i, (offset, epoch, env) in enumerate(held):
-            if offset > st.last + 1 and epoch == st.epoch and st.held is None and i == 0:
-                self._gap(st, epoch, offset - 1, "lost")  # could not be read
+        if unreadable and held and held[0][0] > st.last + 1 and held[0][1] == st.epoch:
+            self._gap(st, st.epoch, held[0][0] - 1, "lost")
+        for offset, epoch, env in held:
             self._accept(st, offset, epoch, env)
 
     # --- position check --------------------------------------------------------------

@@ -297,19 +297,25 @@ def test_history_needs_redis(tmp_path: Any) -> None:
     assert out.returncode == 2 and "--history" in out.stderr
 
 
+async def five_delivered(hcluster: Cluster, unique: str) -> tuple[WS, WS, str]:
+    """A subscriber of group h:<unique> on node 0 got 5 messages from a publisher on node 1:
+    (subscriber, publisher, epoch)."""
+    sub = await WS.open(hcluster.ws_urls[0], f"s{unique}")
+    await sub.ok({"type": "join", "group": f"h:{unique}"})
+    pub = await WS.open(hcluster.ws_urls[1], f"p{unique}")
+    for i in range(5):
+        await send(pub, f"group:h:{unique}", i)
+    return sub, pub, (await messages(sub, 5))[-1]["epoch"]
+
+
 async def test_store_that_went_back_in_time_starts_a_new_epoch(
     hcluster: Cluster, unique: str
 ) -> None:
     """A crash with AOF fsync every second can lose the last appends: their offsets would be
     given to other messages. The node that delivered them notices (an offset it received
     already), tells its receivers and starts the stream over in a new epoch."""
-    room, urls = f"group:h:{unique}", hcluster.ws_urls
-    sub = await WS.open(urls[0], f"s{unique}")
-    await sub.ok({"type": "join", "group": f"h:{unique}"})
-    pub = await WS.open(urls[1], f"p{unique}")
-    for i in range(5):
-        await send(pub, room, i)
-    old = (await messages(sub, 5))[-1]["epoch"]
+    room = f"group:h:{unique}"
+    sub, pub, old = await five_delivered(hcluster, unique)
     meta, stream = f"{hcluster.namespace}:hm:{room}", f"{hcluster.namespace}:h:{room}"
     admin = aioredis.from_url(hcluster.redis_url)
     try:  # the store as a crash would leave it: offsets 4 and 5 forgotten, stream and counter
@@ -343,13 +349,8 @@ async def test_store_that_went_back_in_time_starts_a_new_epoch(
 
 async def test_counter_behind_its_stream_starts_a_new_epoch(hcluster: Cluster, unique: str) -> None:
     """A counter that lost writes its stream kept: the append starts a new epoch itself."""
-    room, urls = f"group:h:{unique}", hcluster.ws_urls
-    sub = await WS.open(urls[0], f"s{unique}")
-    await sub.ok({"type": "join", "group": f"h:{unique}"})
-    pub = await WS.open(urls[1], f"p{unique}")
-    for i in range(5):
-        await send(pub, room, i)
-    old = (await messages(sub, 5))[-1]["epoch"]
+    room = f"group:h:{unique}"
+    sub, pub, old = await five_delivered(hcluster, unique)
     admin = aioredis.from_url(hcluster.redis_url)
     try:
         await admin.hset(f"{hcluster.namespace}:hm:{room}", "o", 3)
