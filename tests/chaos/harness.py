@@ -125,6 +125,17 @@ class Chaos:
 
         await wait_for(f"{len(clients)} clients resumed", done, timeout)
 
+    async def steady_load(self, group: str, uid_of: int = 0) -> None:
+        """The usual load: PROFILE.subscribers subscribers of ``group`` on nodes 1 and 2,
+        a publisher on node 0 into the group (80% of PROFILE.rate) and one to the uid of
+        subscriber ``uid_of`` (20%), started."""
+        for node in (1, 2):
+            for i in range(PROFILE.subscribers):
+                await self.subscriber(f"s{node}.{i}", node, [group])
+        self.publisher("pg", 0, f"group:{group}", PROFILE.rate * 0.8)
+        self.publisher("pu", 0, self.uid(self.subs[uid_of]), PROFILE.rate * 0.2)
+        self.start_load()
+
     def start_load(self) -> None:
         for p in self.pubs:
             p.start()

@@ -24,12 +24,7 @@ async def test_pubsub_connections_killed(
     c = chaos_cluster(own_valkey.url)
     run = chaos("pubsub_kill", c, seed=5004)
     group = f"room-{c.namespace}"
-    for node in (1, 2):
-        for i in range(PROFILE.subscribers):
-            await run.subscriber(f"s{node}.{i}", node, [group])
-    run.publisher("pg", 0, f"group:{group}", PROFILE.rate * 0.8)
-    run.publisher("pu", 0, run.uid(run.subs[-1]), PROFILE.rate * 0.2)
-    run.start_load()
+    await run.steady_load(group, -1)
     killed = []
     admin = redis.Redis.from_url(own_valkey.url)
     try:

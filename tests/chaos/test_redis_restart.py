@@ -34,12 +34,7 @@ async def _restarts_under_load(
 ) -> tuple[Chaos, dict[str, Any]]:
     run = chaos(name, c, seed)
     group = f"room-{c.namespace}"
-    for node in (1, 2):
-        for i in range(PROFILE.subscribers):
-            await run.subscriber(f"s{node}.{i}", node, [group])
-    run.publisher("pg", 0, f"group:{group}", PROFILE.rate * 0.8)
-    run.publisher("pu", 0, run.uid(run.subs[0]), PROFILE.rate * 0.2)
-    run.start_load()
+    await run.steady_load(group)
     healthy, heard = [], []
     for _ in range(PROFILE.rounds):
         await asyncio.sleep(PROFILE.phase)

@@ -23,12 +23,7 @@ async def test_rolling_restart(
     c = chaos_cluster(valkey.url)
     run = chaos("rolling_restart", c, seed=5005)
     group = f"room-{c.namespace}"
-    for node in (1, 2):
-        for i in range(PROFILE.subscribers):
-            await run.subscriber(f"s{node}.{i}", node, [group])
-    run.publisher("pg", 0, f"group:{group}", PROFILE.rate * 0.8)
-    run.publisher("pu", 0, run.uid(run.subs[0]), PROFILE.rate * 0.2)
-    run.start_load()
+    await run.steady_load(group)
     restarts = []
     for _ in range(PROFILE.rounds):
         for proc in c.nodes:

@@ -19,6 +19,8 @@ import pytest
 from wscluster.client import Client
 from wscluster.embedded import EmbeddedRedis, free_port
 
+from .test_client import until
+
 Frame = dict[str, Any]
 # a drained client may wait up to 5 s (the 1012's retry_ms) before it comes back: keep and
 # replay more than it can miss meanwhile
@@ -40,14 +42,6 @@ async def clients() -> AsyncIterator[Callable[..., Client]]:
     yield make
     for client in made:
         await client.close()
-
-
-async def until(cond: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 class Received:
