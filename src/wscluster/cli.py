@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import nginx
+from . import gctune, nginx
 from .config import NodeConfig
 
 if TYPE_CHECKING:
@@ -177,6 +177,7 @@ async def _serve(config: NodeConfig, app: App | None) -> int:
 
     node = Node(config, app)
     await node.start()
+    gctune.tune()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.drain()))

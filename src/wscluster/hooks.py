@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -98,7 +99,7 @@ class AppRunner:
         self._queue(conn, lambda: hook(conn.app, data), "on_message", None, conn.app_gate)
 
     def closed(
-        self, conn: Connection, uid: str | None, groups: set[str], session: dict[str, Any]
+        self, conn: Connection, uid: str | None, groups: AbstractSet[str], session: dict[str, Any]
     ) -> None:
         self.welcomed(conn, False)  # closed before its welcome: no on_connect
         hook = self.app.close_hook

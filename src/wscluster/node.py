@@ -87,6 +87,7 @@ class Node:
         self._watchers: dict[str, set[str]] = {}  # group -> cids that get presence events
         self._counter = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unflushed: list[Connection] = []  # connections with frames pushed this turn
         self.heartbeat = Heartbeat(self)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
@@ -189,8 +190,21 @@ class Node:
         self.metrics.connections.set(len(self.registry))
         self.metrics.connects.inc()
         add = self.presence.add(self.node_id, ConnInfo(conn.cid))
-        self.spawn(quietly(self.presence_write(add)))
+        self.presence_fire(add)
         self.admission.open(conn)
+
+    def want_flush(self, conn: Connection) -> None:
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unflushed.append(conn)
+
+    def _flush(self) -> None:
+        conns, self._unflushed = self._unflushed, []
+        for conn in conns:
+            try:
+                conn.flush()
+            except Exception:  # one broken transport must not keep the others' frames
+                log.exception("writing to client %s failed", conn.cid)
 
     def on_text(self, conn: Connection, payload: bytes) -> None:
         self.handlers.handle(conn, payload)
@@ -215,7 +229,7 @@ class Node:
         remove = self.presence.remove(self.node_id, conn.cid, entry.uid, entry.groups)
         runner = self.app_runner
         if runner is None or runner.app.close_hook is None:
-            self.spawn(quietly(self.presence_write(remove)))
+            self.presence_fire(remove)
             return
 
         async def closed() -> None:  # read the session before the record goes
@@ -246,12 +260,19 @@ class Node:
         task.add_done_callback(_ignore_failure)
         return task
 
-    async def _presence_write(self, write: Coroutine[Any, Any, None]) -> None:
+    def presence_fire(self, write: Coroutine[Any, Any, None]) -> None:
+        """A presence write nobody waits for (one task, in call order as presence_write's):
+        a failure only marks the mirror dirty."""
+        self.spawn(self._presence_write(write, quiet=True))
+
+    async def _presence_write(self, write: Coroutine[Any, Any, None], quiet: bool = False) -> None:
         try:
-            await asyncio.wait_for(write, self.config.request_timeout)
+            async with asyncio.timeout(self.config.request_timeout):
+                await write
         except (PresenceUnavailable, TimeoutError) as exc:
             self.heartbeat.dirty = True
-            raise PresenceUnavailable(str(exc)) from None
+            if not quiet:
+                raise PresenceUnavailable(str(exc)) from None
 
     def watch_presence(self, cid: str, group: str) -> None:
         self._watchers.setdefault(group, set()).add(cid)
@@ -358,9 +379,10 @@ class Node:
                     conn.push(payload, kind, drop)
                     n += 1
         else:
-            for _, conn in self.registry.receivers(address):
+            conns = self.registry.conns(address)
+            for conn in conns:
                 conn.push(payload, kind, drop)
-                n += 1
+            n = len(conns)
         if n:
             self.metrics.deliveries.inc(n)
             self.metrics.frames_out.inc(n)
@@ -376,4 +398,3 @@ def _redact(url: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-

@@ -28,11 +28,14 @@ class Interest:
         return bool(self.subscribe or self.unsubscribe)
 
 
+_NO_GROUPS: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class Entry(Generic[C]):
     conn: C
     uid: str | None = None
-    groups: set[str] = field(default_factory=set)
+    groups: set[str] | frozenset[str] = _NO_GROUPS  # shared while empty (~200 B/connection)
     version: int = 0  # bumped by every change of uid or groups
 
 
@@ -79,6 +82,15 @@ class Registry(Generic[C]):
             return list(self._by_group.get(address.name, {}).items())
         entry = self._entries.get(address.name)
         return [(address.name, entry.conn)] if entry is not None else []
+
+    def conns(self, address: Address) -> list[C]:
+        """The local connections an address reaches (a copy: safe to change the registry
+        while going through it)."""
+        if address.kind is Kind.GROUP:
+            return list(self._by_group.get(address.name, {}).values())
+        if address.kind is Kind.UID:
+            return list(self._by_uid.get(address.name, {}).values())
+        return [conn for _, conn in self.receivers(address)]
 
     def interests(self) -> list[str]:
         """Every address this node must currently be subscribed to (after a reconnect)."""
@@ -131,7 +143,10 @@ class Registry(Generic[C]):
             members = self._by_group[group] = {}
             interest.subscribe.append(f"group:{group}")
         members[cid] = entry.conn
-        entry.groups.add(group)
+        if isinstance(entry.groups, set):
+            entry.groups.add(group)
+        else:
+            entry.groups = {group}
         entry.version += 1
         return interest
 
@@ -161,4 +176,5 @@ class Registry(Generic[C]):
         if not members:
             del self._by_group[group]
             interest.unsubscribe.append(f"group:{group}")
-        entry.groups.discard(group)
+        if isinstance(entry.groups, set):
+            entry.groups.discard(group)

@@ -4,6 +4,7 @@ node's (see handlers.py)."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,9 +44,23 @@ class ConnectionHost(Protocol):
 
     def on_closed(self, conn: Connection) -> None: ...
 
+    def want_flush(self, conn: Connection) -> None:
+        """``conn`` has frames to write: call its ``flush`` once the current callbacks ran."""
+        ...
+
 
 class Connection(WSListener):
-    """A client connection. ``cid`` is set by the node on open."""
+    """A client connection. ``cid`` is set by the node on open.
+
+    Frames pushed in one turn of the event loop are written together when the node flushes
+    (one system call for all of them, instead of one per frame: fan-out bursts and acks)."""
+
+    __slots__ = (
+        "_backlog", "_frag", "_frag_binary", "_out", "_out_keep", "_rate", "_rate_time",
+        "_token_time", "_tokens", "admitting", "app", "app_gate", "app_tail", "cid",
+        "close_code", "closing", "congested", "expiry", "frozen", "holding", "host",
+        "inflight", "policy", "raw", "reading_paused", "request", "server_closed", "transport",
+    )  # fmt: skip
 
     def __init__(self, host: ConnectionHost, request: Request) -> None:
         super().__init__()
@@ -69,6 +84,8 @@ class Connection(WSListener):
         self.reading_paused = False
         self.frozen = False  # reading stopped for good (drain)
         self._backlog: Backlog | None = None  # held while congested (see push); else None
+        self._out: list[tuple[WSMsgType, bytes]] | None = None  # pushed this turn (see flush)
+        self._out_keep = False  # _out holds a frame that may not be dropped
         self._frag: bytearray | None = None
         self._frag_binary = False
         cfg = host.config
@@ -115,6 +132,7 @@ class Connection(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
         self._backlog = None
+        self._out = None
         if self.close_code is None:
             self.close_code = _code(WSCloseCode.ABNORMAL_CLOSURE)
         if self.expiry is not None:
@@ -161,19 +179,41 @@ class Connection(WSListener):
     def push(
         self, payload: bytes, kind: WSMsgType = WSMsgType.TEXT, droppable: bool = False
     ) -> None:
-        """Write one frame (already encoded). Closes a client that stopped reading: 1013
-        when more than ``--max-outbox`` bytes wait for it. While the transport is congested,
-        a ``droppable`` message (of a drop-oldest stream, see outbox.py) is held back instead,
-        and so is every message after it until the backlog is written (the order is kept);
-        past ``--max-outbox`` held bytes of droppable messages, the oldest are dropped."""
+        """Queue one frame (already encoded) for the end of this loop turn (``flush``).
+        Closes a client that stopped reading: 1013 when more than ``--max-outbox`` bytes wait
+        for it. While the transport is congested, a ``droppable`` message (of a drop-oldest
+        stream, see outbox.py) is held back instead, and so is every message after it until
+        the backlog is written (the order is kept); past ``--max-outbox`` held bytes of
+        droppable messages, the oldest are dropped."""
         if self.closing or self.transport is None:
             return
-        if self._backlog is not None or (droppable and self.congested):
+        out = self._out
+        if out is not None:  # after this turn's earlier frames, whatever happened since
+            out.append((kind, payload))
+            self._out_keep = self._out_keep or not droppable
+        elif self._backlog is not None or (droppable and self.congested):
             self._hold(payload, kind, droppable)
+        else:
+            self._out = [(kind, payload)]
+            self._out_keep = not droppable
+            self.host.want_flush(self)
+
+    def flush(self) -> None:
+        """Write this turn's frames: one frame as picows sends it, several in one writev."""
+        out, self._out = self._out, None
+        transport = self.transport
+        if out is None or transport is None or self.closing:
             return
-        self.transport.send(kind, payload)
-        if self.congested and not droppable:  # the next droppable one will be held
-            buffered = self.transport.underlying_transport.get_write_buffer_size()
+        if len(out) == 1:
+            transport.send(*out[0])
+        else:
+            parts: list[bytes] = []
+            for kind, payload in out:
+                parts.append(_header(kind, len(payload)))
+                parts.append(payload)
+            transport.underlying_transport.writelines(parts)
+        if self.congested and self._out_keep:  # a droppable frame after it would be held
+            buffered = transport.underlying_transport.get_write_buffer_size()
             if buffered > self.host.config.max_outbox:
                 self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
 
@@ -235,16 +275,17 @@ class Connection(WSListener):
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
         backlog, self._backlog = self._backlog, None
-        if backlog is not None and code != SLOW_CONSUMER_CLOSE:  # it goes before the close
-            while (held := backlog.pop()) is not None:
+        out, self._out = self._out, None
+        if code != SLOW_CONSUMER_CLOSE:  # what was pushed goes before the close
+            for frame in out or ():
+                transport.send(*frame)
+            while backlog is not None and (held := backlog.pop()) is not None:
                 transport.send(*held)
         transport.send_close(WSCloseCode(code), _reason(reason))
         if self.reading_paused:  # read again to see the peer's close frame (data is dropped)
             self.reading_paused = False
             transport.underlying_transport.resume_reading()
-        asyncio.get_running_loop().call_later(
-            _ABORT_AFTER, transport.underlying_transport.abort
-        )
+        asyncio.get_running_loop().call_later(_ABORT_AFTER, transport.underlying_transport.abort)
 
     def take_token(self) -> bool:
         """One frame against the rate limit (``--rate-limit`` per second, ``--rate-burst``)."""
@@ -330,6 +371,21 @@ class Backlog:
         else:
             return None
         return kind, payload
+
+
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def _header(kind: WSMsgType, size: int) -> bytes:
+    """The header of an unmasked, final server frame (RFC 6455 5.2)."""
+    first = 0x80 | kind.value
+    if size < 126:
+        return _SHORT.pack(first, size)
+    if size < 65536:
+        return _MEDIUM.pack(first, 126, size)
+    return _LONG.pack(first, 127, size)
 
 
 def _reason(reason: str) -> bytes | None:

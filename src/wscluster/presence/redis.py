@@ -41,7 +41,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -80,10 +80,19 @@ _G = "g:"  # conn hash field prefix: one field per joined group
 _S = "s:"  # conn hash field prefix: one field per session key, holding its JSON text
 
 
+_NO_GROUPS: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class _Local:
     uid: str | None
-    groups: set[str] = field(default_factory=set)
+    groups: set[str] | frozenset[str] = _NO_GROUPS  # shared while empty (~200 B/connection)
+
+    def add(self, group: str) -> None:
+        if isinstance(self.groups, set):
+            self.groups.add(group)
+        else:
+            self.groups = {group}
 
 
 class RedisPresence:
@@ -150,7 +159,7 @@ class RedisPresence:
 
     # --- writes -----------------------------------------------------------------------
     async def add(self, node_id: str, conn: ConnInfo) -> None:
-        self._local.setdefault(node_id, {})[conn.client_id] = _Local(conn.uid, set(conn.groups))
+        self._local.setdefault(node_id, {})[conn.client_id] = _Local(conn.uid, _groups(conn.groups))
         await self._writer.submit(node_id, self._add_cmds(node_id, conn))
 
     async def bind(self, node_id: str, cid: str, old_uid: str | None, uid: str | None) -> None:
@@ -167,7 +176,7 @@ class RedisPresence:
 
     async def join(self, node_id: str, cid: str, uid: str | None, group: str) -> None:
         n, u = self.names, uid or ""
-        self._local.setdefault(node_id, {}).setdefault(cid, _Local(uid)).groups.add(group)
+        self._local.setdefault(node_id, {}).setdefault(cid, _Local(uid)).add(group)
         await self._writer.submit(node_id, [("HSET", n.node_conns_key(node_id), cid, u),
                                     ("HSET", n.conn_key(cid), _UID, u, _G + group, ""),
                                     ("HSET", n.group_key(group), cid, u)])
@@ -175,7 +184,7 @@ class RedisPresence:
     async def leave(self, node_id: str, cid: str, group: str) -> None:
         n = self.names
         loc = self._local.get(node_id, {}).get(cid)
-        if loc is not None:
+        if loc is not None and isinstance(loc.groups, set):
             loc.groups.discard(group)
         await self._writer.submit(node_id, [("HDEL", n.group_key(group), cid),
                                     ("HDEL", n.conn_key(cid), _G + group)])
@@ -217,7 +226,7 @@ class RedisPresence:
             log.info("resynced node %s: %d connections", node_id, len(conns))
 
         # the local copy changes in call order, like the queue
-        self._local[node_id] = {c.client_id: _Local(c.uid, set(c.groups)) for c in conns}
+        self._local[node_id] = {c.client_id: _Local(c.uid, _groups(c.groups)) for c in conns}
         await self._writer.submit(node_id, run=run, size=len(conns))
 
     async def remove_node(self, node_id: str) -> None:
@@ -347,3 +356,7 @@ class RedisPresence:
 def _session(fields: dict[str, str]) -> dict[str, Any]:
     """The session held in a conn hash's fields."""
     return decode_session({f[2:]: v for f, v in fields.items() if f.startswith(_S)})
+
+
+def _groups(groups: Iterable[str]) -> set[str] | frozenset[str]:
+    return set(groups) or _NO_GROUPS
