@@ -21,6 +21,7 @@ from .config import NodeConfig
 if TYPE_CHECKING:
     from .app import App
     from .cluster import Cluster
+    from .workers import Supervisor
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "transport", "asyncio", choices=["asyncio", "aiofastnet"],
          help="socket transport of the public port (measured: see docs/performance.md)")
     _add(s, "log-level", "INFO")
+    _add(s, "workers", 1, int, help="worker processes (nodes) sharing --port through "
+         "SO_REUSEPORT, worker i with API port api-port+i; 0: one per CPU (default 1)")
+    s.add_argument("--reuse-port", action="store_true", default=_flag("reuse-port"),
+                   help=argparse.SUPPRESS)  # set by --workers on its workers  # fmt: skip
     _multi(s, "history", "PATTERN=N/Ts: keep the last N messages of matching streams for T "
            "seconds, e.g. 'group:room:*=1000/300s' (repeatable)")
     _add(s, "max-replay", d.max_replay, int, help="messages replayed per stream per resume")
@@ -187,17 +192,28 @@ async def _serve(config: NodeConfig, app: App | None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    supervisor: Supervisor | None = None
     try:
         config = node_config(args)
+        workers = args.workers if args.workers != 0 else (os.cpu_count() or 1)
+        if workers < 0:
+            raise ValueError("--workers must be >= 0 (0: one per CPU)")
+        config.reuse_port = config.reuse_port or workers > 1  # checks the platform has it
         config.validate()
         app = load_app_spec(config.app)
         if config.jwt:
             from .gate import make_verifier
 
             make_verifier(config)  # a bad key file fails here, before anything starts
+        if workers > 1:
+            from .workers import Supervisor
+
+            supervisor = Supervisor(config, workers, args, build_parser())
     except (ValueError, TypeError) as exc:
         print(f"wscluster serve: {exc}", file=sys.stderr)
         return 2
+    if supervisor is not None:  # --workers N: this process only runs the N nodes
+        return supervisor.run()
     import uvloop
 
     return uvloop.run(_serve(config, app))

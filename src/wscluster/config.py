@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from dataclasses import dataclass
 
 
@@ -50,6 +51,7 @@ class NodeConfig:
     max_replay: int = 1000  # messages replayed per stream per resume
     check_interval: float = 5.0  # seconds: history position check and broker liveness probe
     outbox_policy: tuple[str, ...] = ()  # PATTERN=close|drop-oldest rules (outbox.py)
+    reuse_port: bool = False  # SO_REUSEPORT on the public port: set for --workers' workers
 
     @property
     def effective_api_port(self) -> int:
@@ -110,6 +112,9 @@ class NodeConfig:
             from .outbox import OutboxRules
 
             OutboxRules(self.outbox_policy)  # raises ValueError naming the bad rule
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("--workers above 1 needs SO_REUSEPORT (Linux or BSD), which this "
+                             "platform lacks: run one node per port instead")  # fmt: skip
         if self.max_replay < 1 or self.check_interval <= 0:
             raise ValueError("--max-replay must be >= 1 and --check-interval positive")
         for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox",

@@ -167,6 +167,7 @@ class PublicServer:
             read_buffer_init_size=_READ_BUFFER,
             use_aiofastnet=cfg.transport == "aiofastnet",
             reuse_address=True,
+            reuse_port=cfg.reuse_port,
             backlog=4096,
             logger_name=_PICOWS_LOGGER,
         )
