@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("fanout", "private", "rooms", "idle", "storm")
-PEER_NAMES = ("python-socketio", "socketio-node", "picows-echo")
+PEER_NAMES = ("python-socketio", "socketio-node", "picows-echo", "floor")
 RESULTS = Path(__file__).resolve().parent / "results"
 # flat out: sends in flight per sending process. Large enough that the servers, not the
 # round trip, limit the rate (private at 64 in flight measured the ack latency, not the peers)
@@ -55,7 +55,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("scenarios", nargs="*", metavar="scenario",
                     help=f"any of {', '.join(SCENARIOS)} (default: all)")  # fmt: skip
     ap.add_argument("--peer", action="append", default=[], choices=PEER_NAMES,
-                    help="also measure this peer (repeatable); picows-echo: idle only (the floor)")
+                    help="also measure this peer (repeatable); picows-echo: idle only (a bare "
+                         "picows server); floor: fanout only (the kernel's cost alone, "
+                         "bench/floor.py)")
     ap.add_argument("--quick", action="store_true",
                     help=f"small sizes (the defaults below become: {_fmt(QUICK)})")
     g = ap.add_argument_group("systems")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import chart, report
     from .scenarios import run_scenario
-    from .systems import PEERS, External, System, WsCluster
+    from .systems import PEERS, External, FanoutFloor, System, WsCluster
 
     def systems() -> list[System]:
         biggest = max(args.members, args.pairs, args.rooms * args.room_size, args.idle,
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in dict.fromkeys(args.peer):
             cls = PEERS[name]
             kw: dict[str, Any] = {"mode": args.pysio_mode} if name == "python-socketio" else {}
-            nodes = 1 if name == "picows-echo" else args.peer_nodes
+            nodes = 1 if name == "picows-echo" else args.nodes if name == "floor" else (
+                args.peer_nodes)  # fmt: skip
             out.append(cls(nodes, args.server_cpus, **kw))
         return out
 
@@ -172,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     system.start()
-                    result = run_scenario(scenario, system, args)
+                    if isinstance(system, FanoutFloor):
+                        result = system.measure(args)
+                    else:
+                        result = run_scenario(scenario, system, args)
                 except Exception as exc:
                     result = {"scenario": scenario, "system": system.name, "error": repr(exc)}
                     print(f"{scenario} {system.name}: FAILED {exc!r}", file=sys.stderr,

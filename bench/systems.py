@@ -293,8 +293,30 @@ class PicowsEcho(System):
         raise RuntimeError(f"{self.name} server {i} not listening:\n{self.log(i)}")
 
 
+class FanoutFloor(System):
+    """Not a server: the kernel's own cost of the fan-out (bench/floor.py), as a lower bound
+    for every system's fixed-rate fan-out latency on this machine."""
+
+    name = "floor"
+    scenarios = ("fanout",)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def measure(self, args: Any) -> dict[str, Any]:
+        from .floor import measure
+
+        fixed = measure(args.members, self.nodes, args.fanout_rate, args.duration)
+        return {"scenario": "fanout", "system": self.name, "nodes": self.nodes,
+                "fixed_rate": {**fixed, "lost": fixed["expected"] - fixed["deliveries"]}}
+
+
 PEERS: dict[str, type[System]] = {
     "python-socketio": PySocketIO,
     "socketio-node": SocketIONode,
     "picows-echo": PicowsEcho,
+    "floor": FanoutFloor,
 }
