@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "node-heartbeat", d.node_heartbeat, float)
     _add(s, "node-ttl", d.node_ttl, float)
     _add(s, "drain-timeout", d.drain_timeout, float)
+    _add(s, "max-publish-queue", d.max_publish_queue, int,
+         help="bytes waiting for the broker; above it sends get rate_limited")
+    _add(s, "max-inflight", d.max_inflight, int,
+         help="requests of one connection awaiting I/O before its reading pauses")
+    _add(s, "request-timeout", d.request_timeout, float,
+         help="seconds a send/join/login waits for the broker or presence store")
     _add(s, "transport", "asyncio", choices=["asyncio", "aiofastnet"],
          help="socket transport of the public port (measured: see docs/performance.md)")
     _add(s, "log-level", "INFO")

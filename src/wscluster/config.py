@@ -118,6 +118,7 @@ class NodeConfig:
         if self.max_replay < 1 or self.check_interval <= 0:
             raise ValueError("--max-replay must be >= 1 and --check-interval positive")
         for name in ("max_connections", "max_message_size", "max_frame_size", "max_outbox",
-                     "max_session_size"):
+                     "max_session_size", "max_publish_queue", "max_inflight",
+                     "request_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
