@@ -159,14 +159,14 @@ def test_inbox_gap_moves_the_position_and_is_delivered() -> None:
 
 
 def test_hold_then_release_delivers_in_order_once() -> None:
-    """Live messages that came before the replay, the replay, a live one after the ack: all
-    delivered in offset order, once, and the position is the ack's."""
+    """Live messages that came before the replay wait; the replay passes at once and brings
+    them in line; a live one after that passes too: all delivered in offset order, once."""
     box, out = inbox({"uid:a": ["e1", 6], "group:g": ["e1", 2]})
     hold = box.hold(["uid:a", "group:g"])
+    for frame in (msg("uid:a", 9), msg("uid:a", 10), {"type": "presence", "group": "g"}):
+        box.put(frame)
+    assert seen(out) == [("presence", None)] and box.held == 2  # 7 and 8 are missing
     for frame in (
-        msg("uid:a", 9),
-        msg("uid:a", 10),
-        {"type": "presence", "group": "g"},
         msg("uid:a", 7),
         msg("group:g", 3),
         msg("uid:a", 8),
@@ -176,21 +176,31 @@ def test_hold_then_release_delivers_in_order_once() -> None:
         msg("group:x", 1),
     ):
         box.put(frame)  # fmt: skip
-    assert seen(out) == [("presence", None), ("group:x", 1)]  # other streams pass
-    assert box.held == 8
+    assert seen(out)[1:] == [("uid:a", 7), ("group:g", 3), ("uid:a", 8), ("uid:a", 9),
+                             ("uid:a", 10), ("uid:a", 11), ("group:x", 1)]  # fmt: skip
+    assert box.duplicates == 2 and box.held == 0
     results = {
         "uid:a": {"recovered": True, "epoch": "e1", "offset": 10, "replayed": 4},
         "group:g": {"recovered": True, "epoch": "e1", "offset": 3, "replayed": 1},
     }
     box.release(hold, results)
-    assert seen(out)[2:] == [("uid:a", 7), ("uid:a", 8), ("uid:a", 9), ("uid:a", 10),
-                             ("uid:a", 11), ("group:g", 3)]  # fmt: skip
-    assert box.duplicates == 2 and box.held == 0
+    assert len(out) == 8
     assert box.positions.snapshot() == {"uid:a": ["e1", 11], "group:g": ["e1", 3],
                                         "group:x": ["e1", 1]}  # fmt: skip
     box.put(msg("uid:a", 11))
-    box.put(msg("uid:a", 12))  # no longer held
+    box.put(msg("uid:a", 12))
     assert seen(out)[-1] == ("uid:a", 12) and box.duplicates == 3
+
+
+def test_held_frames_wait_for_a_hole_then_release_sorts_them() -> None:
+    box, out = inbox({"uid:a": ["e1", 6]})
+    hold = box.hold(["uid:a"])
+    for n in (10, 9, 8):
+        box.put(msg("uid:a", n))
+    assert out == [] and box.held == 3
+    box.release(hold, {"uid:a": {"recovered": False, "reason": "too_old", "epoch": "e1",
+                                 "offset": 10, "replayed": 0}})  # fmt: skip
+    assert seen(out) == [("uid:a", 8), ("uid:a", 9), ("uid:a", 10)]
 
 
 def test_release_after_an_epoch_change() -> None:
@@ -240,15 +250,31 @@ def test_a_new_hold_takes_over_a_stream() -> None:
 
 
 def test_hold_is_bounded() -> None:
-    box, out = inbox(max_held=3)
+    """At most max_held frames wait (those not in line); more are dropped and counted."""
+    box, out = inbox({"group:g": ["e1", 0]}, max_held=3)
     hold = box.hold(["group:g"])
-    for n in range(1, 6):
+    for n in range(2, 7):  # 1 is missing: they wait
         box.put(msg("group:g", n))
-    assert box.held == 3 and box.overflowed == 2
+    assert box.held == 3 and box.overflowed == 2 and out == []
     box.release(hold)
-    assert seen(out) == [("group:g", 1), ("group:g", 2), ("group:g", 3)]
+    assert seen(out) == [("group:g", 2), ("group:g", 3), ("group:g", 4)]
     with pytest.raises(ValueError):
         Inbox(Positions(), out.append, 0)
+
+
+def test_a_replay_in_line_is_never_held() -> None:
+    """A resume's replay (offsets right after the position) flows through the hold, so a
+    replay far larger than max_held loses nothing."""
+    box, out = inbox({"group:g": ["e1", 0]}, max_held=2)
+    hold = box.hold(["group:g"])
+    box.put(msg("group:g", 5002))  # live ones that came before the replay
+    box.put(msg("group:g", 5001))
+    for n in range(1, 5001):
+        box.put(msg("group:g", n))
+    assert box.overflowed == 0 and box.held == 0
+    assert [f["offset"] for f in out] == list(range(1, 5003))
+    box.release(hold)
+    assert len(out) == 5002
 
 
 def test_release_takes_the_ack_position_when_nothing_came() -> None:

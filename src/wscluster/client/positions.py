@@ -104,9 +104,13 @@ def in_offset_order(frames: list[Frame]) -> list[Frame]:
 class Inbox:
     """Pushed frames on their way to the application (``deliver``). A message at or below its
     stream's position is dropped (counted in ``duplicates``); a gap moves the position. The
-    frames of streams under a ``hold`` (a resume in flight) wait until ``release``, which
-    delivers them in offset order, or ``discard``. At most ``max_held`` frames wait; more are
-    dropped (counted in ``overflowed``)."""
+    frames of streams under a ``hold`` (a resume in flight) that are not the next message of
+    their stream (offset + 1 in the same epoch: those pass at once, with the held ones they
+    bring in line) wait until ``release``, which delivers them in offset order, or
+    ``discard``. So a resume's replay flows through, and only live messages ahead of it
+    wait. At most ``max_held`` frames wait; more are dropped (counted in ``overflowed``):
+    with the replay flowing, that takes over ``max_held`` live messages ahead of a hole, or
+    a replay that cannot be placed (a new epoch, or a resume from ``[None, 0]``) that big."""
 
     def __init__(
         self, positions: Positions, deliver: Callable[[Frame], None], max_held: int = 10000
@@ -133,11 +137,35 @@ class Inbox:
             self._deliver(frame)
         elif stream not in self._holds:
             self._pass(stream, frame)
+        elif self._in_line(stream, frame, 1):  # the stream's next message: no need to wait
+            self._pass(stream, frame)
+            self._drain(stream)
+        elif self._in_line(stream, frame, 0):  # at or below the position: seen already
+            self.duplicates += 1
         elif self._count >= self.max_held:
             self.overflowed += 1
         else:
             self._held[stream].append(frame)
             self._count += 1
+
+    def _in_line(self, stream: str, frame: Frame, step: int) -> bool:
+        """``frame`` is a message of the stream's epoch at its position + 1 (``step`` 1), or
+        at or below its position (``step`` 0)."""
+        pos, got = self.positions.get(stream), position_in(frame)
+        if pos is None or got is None or pos[0] is None or frame.get("type") != "message":
+            return False
+        return got[0] == pos[0] and (got[1] == pos[1] + 1 if step else got[1] <= pos[1])
+
+    def _drain(self, stream: str) -> None:
+        """Deliver the held frames of ``stream`` that are now next in line."""
+        held = self._held[stream]
+        while held:
+            nxt = next((f for f in held if self._in_line(stream, f, 1)), None)
+            if nxt is None:
+                return
+            held.remove(nxt)
+            self._count -= 1
+            self._pass(stream, nxt)
 
     def hold(self, streams: Iterable[str]) -> int:
         """Hold the frames of ``streams`` from now on (a stream held already starts over);
