@@ -4,8 +4,9 @@ subscription it depends on is confirmed (the join/login barrier of PROTOCOL.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .broker.base import Broker
 from .errors import BrokerUnavailable
@@ -22,30 +23,62 @@ class Subscriptions:
         self._timeout = timeout
         self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmation
         self._unsubscribing: set[asyncio.Future[None]] = set()
+        self._ops: list[tuple[bool, str, asyncio.Future[None] | None]] = []  # this turn's
         self.on_unsubscribe: Callable[[str], None] | None = None  # address no longer heard
 
     def apply(self, interest: Interest) -> None:
-        """Start the (un)subscriptions an interest change calls for (in order, no waiting)."""
+        """Queue the (un)subscriptions an interest change calls for (no waiting). Those of
+        one loop turn start together at its end, in call order, one broker request per run
+        of the same kind (a storm of logins or closes is a few requests, not thousands)."""
         for address in interest.unsubscribe:
             if self.on_unsubscribe is not None:
                 self.on_unsubscribe(address)
             channel = self._names.channel(address)
             self._confirmed.pop(channel, None)
-            task = asyncio.ensure_future(self._unsubscribe(channel))
-            self._unsubscribing.add(task)
-            task.add_done_callback(self._unsubscribing.discard)
+            self._queue(False, channel)
         for address in interest.subscribe:
             channel = self._names.channel(address)
-            self._confirmed[channel] = self._start(channel)
+            fut = self._queue(True, channel)
+            assert fut is not None
+            self._confirmed[channel] = fut
+
+    def _queue(self, subscribe: bool, channel: str) -> asyncio.Future[None] | None:
+        """Queue one (un)subscription; a subscription's future is its confirmation."""
+        loop = asyncio.get_running_loop()
+        if not self._ops:
+            loop.call_soon(self._flush)
+        fut: asyncio.Future[None] | None = None
+        if subscribe:
+            fut = loop.create_future()
+            fut.add_done_callback(_consume)
+        self._ops.append((subscribe, channel, fut))
+        return fut
+
+    def _flush(self) -> None:
+        ops, self._ops = self._ops, []
+        start = 0
+        while start < len(ops):
+            end = start
+            while end < len(ops) and ops[end][0] == ops[start][0]:
+                end += 1
+            run, start = ops[start:end], end
+            channels = [channel for _, channel, _ in run]
+            if run[0][0]:
+                task = asyncio.ensure_future(self._broker.subscribe(channels))
+                task.add_done_callback(functools.partial(_settle, [f for _, _, f in run if f]))
+            else:
+                task = asyncio.ensure_future(self._unsubscribe(channels))
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
 
     def _start(self, channel: str) -> asyncio.Future[None]:
         fut = asyncio.ensure_future(self._broker.subscribe([channel]))
         fut.add_done_callback(_consume)
         return fut
 
-    async def _unsubscribe(self, channel: str) -> None:
+    async def _unsubscribe(self, channels: Sequence[str]) -> None:
         try:
-            await self._broker.unsubscribe([channel])
+            await self._broker.unsubscribe(channels)
         except BrokerUnavailable:
             pass  # the broker forgets it at reconnect: it is no longer desired
 
@@ -61,6 +94,18 @@ class Subscriptions:
             await asyncio.wait_for(asyncio.shield(fut), self._timeout)
         except TimeoutError:
             raise BrokerUnavailable("subscription not confirmed in time") from None
+
+
+def _settle(futs: list[asyncio.Future[None]], task: asyncio.Future[None]) -> None:
+    """A run's subscribe finished: each of its channels' confirmations with its outcome."""
+    exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
+    for fut in futs:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
