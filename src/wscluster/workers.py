@@ -142,8 +142,8 @@ class Supervisor:
             now = time.monotonic()
             for worker in self.workers:
                 if worker.proc is None:
-                    if now >= worker.restart_at:
-                        self._spawn(worker)
+                    if now >= worker.restart_at and (code := self._spawn(worker)) is not None:
+                        return code
                     continue
                 returncode = worker.proc.poll()
                 if returncode is not None and not self._signals:
@@ -153,16 +153,23 @@ class Supervisor:
             time.sleep(_POLL)
         return None
 
-    def _spawn(self, worker: _Worker) -> None:
-        worker.proc = subprocess.Popen(worker.argv, preexec_fn=die_with_parent)
+    def _spawn(self, worker: _Worker) -> int | None:
+        """Start a worker; a start that fails (no process at all) counts as an exit at once."""
         worker.started = time.monotonic()
+        try:
+            worker.proc = subprocess.Popen(worker.argv, preexec_fn=die_with_parent)
+        except OSError as exc:  # out of processes or memory, a vanished interpreter...
+            log.error("worker %d could not be started: %s", worker.index, exc)
+            return self._exited(worker, 1, worker.started)
         log.info("worker %d: pid %d, api %s/healthz, node name %s",
                  worker.index, worker.proc.pid, worker.api, worker.name)  # fmt: skip
+        return None
 
     def _exited(self, worker: _Worker, returncode: int, now: float) -> int | None:
-        """Schedule the restart of a worker that exited; its exit code when we give up."""
-        assert worker.proc is not None
-        pid, lived, worker.proc = worker.proc.pid, now - worker.started, None
+        """Schedule the restart of a worker that exited (or never started: no process);
+        its exit code when we give up."""
+        pid = worker.proc.pid if worker.proc is not None else 0
+        lived, worker.proc = now - worker.started, None
         if lived < BOOT_GRACE:
             worker.early_exits += 1
         else:
