@@ -98,7 +98,7 @@ class Subscriptions:
 
 def _settle(futs: list[asyncio.Future[None]], task: asyncio.Future[None]) -> None:
     """A run's subscribe finished: each of its channels' confirmations with its outcome."""
-    exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
+    exc = task.exception() if not task.cancelled() else BrokerUnavailable("subscribe cancelled")
     for fut in futs:
         if fut.done():
             continue
