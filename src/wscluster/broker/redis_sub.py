@@ -55,8 +55,6 @@ class Subscriber:
         self._orphans: dict[str, list[asyncio.Future[None]]] = {}
         self._sub_conn: AbstractConnection | None = None
         self._resub_left = 0
-        self._outbox: list[tuple[AbstractConnection, str, list[str]]] = []  # this turn's
-        self._sending: set[asyncio.Task[None]] = set()
 
     async def subscribe(self, channels: Sequence[str]) -> None:
         if self.closing:
@@ -67,7 +65,7 @@ class Subscriber:
         self._desired.update(todo)
         conn = self._sub_conn
         if conn is not None and conn.is_connected:
-            futs = self._request(conn, True, todo)
+            futs = await self._request(conn, True, todo)
         else:  # resolved by the resubscription after the next (re)connect
             futs = [asyncio.get_running_loop().create_future() for _ in todo]
             for ch, fut in zip(todo, futs, strict=True):
@@ -89,7 +87,7 @@ class Subscriber:
         if self.closing or conn is None or not conn.is_connected:
             return  # nothing to undo: the next resubscription leaves these channels out
         # On timeout the link is in trouble: delivery is already filtered by the desired set.
-        await self._all_within_timeout(self._request(conn, False, todo))
+        await self._all_within_timeout(await self._request(conn, False, todo))
 
     def restart(self) -> None:
         writer = getattr(self._sub_conn, "_writer", None)
@@ -105,39 +103,16 @@ class Subscriber:
             if not fut.done():
                 fut.set_exception(BrokerUnavailable(reason))
 
-    def _request(
+    async def _request(
         self, conn: AbstractConnection, is_sub: bool, chans: list[str]
     ) -> list[asyncio.Future[None]]:
-        """(UN)SUBSCRIBE ``chans``; the futures resolve with the confirmations (in order).
-        The requests of one loop turn are written together (a storm of logins and joins
-        makes one write per turn, not one per connection)."""
+        """(UN)SUBSCRIBE ``chans``; the futures resolve with the confirmations (in order)."""
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[None]] = [loop.create_future() for _ in chans]
         for ch, fut in zip(chans, futs, strict=True):
             self._confirm.setdefault((is_sub, ch), deque()).append(_Confirm([fut]))
-        if not self._outbox:
-            loop.call_soon(self._send_outbox)
-        self._outbox.append((conn, "SUBSCRIBE" if is_sub else "UNSUBSCRIBE", chans))
+        await self._send_batched(conn, "SUBSCRIBE" if is_sub else "UNSUBSCRIBE", chans)
         return futs
-
-    def _send_outbox(self) -> None:
-        """Send this turn's requests in order, consecutive ones of a kind merged. Requests
-        made for a link that is gone are dropped: the resubscription replaced them."""
-        outbox, self._outbox = self._outbox, []
-        conn = self._sub_conn
-        commands: list[tuple[str, list[str]]] = []
-        for link, cmd, chans in outbox:
-            if link is not conn:
-                continue
-            if commands and commands[-1][0] == cmd:
-                commands[-1][1].extend(chans)
-            else:
-                commands.append((cmd, list(chans)))
-        if conn is None or not commands:
-            return
-        task = asyncio.ensure_future(self._send_batched(conn, commands))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
 
     async def _all_within_timeout(self, futs: list[asyncio.Future[None]]) -> bool:
         try:
@@ -147,18 +122,14 @@ class Subscriber:
             return False
         return True
 
-    async def _send_batched(
-        self, conn: AbstractConnection, commands: list[tuple[str, list[str]]]
-    ) -> None:
+    async def _send_batched(self, conn: AbstractConnection, cmd: str, chans: list[str]) -> None:
         """Send every command in one write; the reader notices a broken link by itself."""
         n = SUBSCRIBE_BATCH
-        packed = conn.pack_commands(
-            [(cmd, *chans[i : i + n]) for cmd, chans in commands for i in range(0, len(chans), n)]
-        )
+        packed = conn.pack_commands([(cmd, *chans[i : i + n]) for i in range(0, len(chans), n)])
         try:
             await conn.send_packed_command(packed, check_health=False)
         except Exception as exc:
-            log.debug("%s not sent: %s", " / ".join(c for c, _ in commands), describe(exc))
+            log.debug("%s not sent: %s", cmd, describe(exc))
 
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
@@ -188,7 +159,7 @@ class Subscriber:
         _resolve(f for ws in self._orphans.values() for f in ws)  # no longer desired
         self._orphans.clear()
         if chans:
-            await self._send_batched(conn, [("SUBSCRIBE", chans)])
+            await self._send_batched(conn, "SUBSCRIBE", chans)
         else:
             self.up = True
             self._update_state("")
