@@ -137,10 +137,10 @@ class Inbox:
             self._deliver(frame)
         elif stream not in self._holds:
             self._pass(stream, frame)
-        elif self._in_line(stream, frame, 1):  # the stream's next message: no need to wait
+        elif (ahead := self._ahead(stream, frame)) == 1:  # the next message: no need to wait
             self._pass(stream, frame)
             self._drain(stream)
-        elif self._in_line(stream, frame, 0):  # at or below the position: seen already
+        elif ahead is not None and ahead <= 0:  # at or below the position: seen already
             self.duplicates += 1
         elif self._count >= self.max_held:
             self.overflowed += 1
@@ -148,19 +148,19 @@ class Inbox:
             self._held[stream].append(frame)
             self._count += 1
 
-    def _in_line(self, stream: str, frame: Frame, step: int) -> bool:
-        """``frame`` is a message of the stream's epoch at its position + 1 (``step`` 1), or
-        at or below its position (``step`` 0)."""
+    def _ahead(self, stream: str, frame: Frame) -> int | None:
+        """How far a message of the stream's current epoch is past its position (1: the
+        next one); None for anything else (a gap, another epoch, no known position)."""
         pos, got = self.positions.get(stream), position_in(frame)
-        if pos is None or got is None or pos[0] is None or frame.get("type") != "message":
-            return False
-        return got[0] == pos[0] and (got[1] == pos[1] + 1 if step else got[1] <= pos[1])
+        if pos is None or got is None or pos[0] is None or got[0] != pos[0]:
+            return None
+        return got[1] - pos[1] if frame.get("type") == "message" else None
 
     def _drain(self, stream: str) -> None:
         """Deliver the held frames of ``stream`` that are now next in line."""
         held = self._held[stream]
         while held:
-            nxt = next((f for f in held if self._in_line(stream, f, 1)), None)
+            nxt = next((f for f in held if self._ahead(stream, f) == 1), None)
             if nxt is None:
                 return
             held.remove(nxt)
