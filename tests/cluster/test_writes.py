@@ -16,21 +16,10 @@ from websockets.exceptions import ConnectionClosed
 from wscluster.embedded import EmbeddedRedis
 
 from .conftest import Cluster
+from .rawframes import client_frame
 from .wsclient import WS
 
 MakeCluster = Callable[..., Cluster]
-
-
-def client_frame(payload: bytes, opcode: int = 1) -> bytes:
-    """A final client frame with an all-zero mask (which leaves the payload as it is)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
 
 
 async def frames_until(ws: WS, done: Callable[[list[Any]], bool]) -> list[Any]:

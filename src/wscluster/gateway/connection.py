@@ -56,7 +56,8 @@ class Connection(WSListener):
     (one system call for all of them, instead of one per frame: fan-out bursts and acks)."""
 
     __slots__ = (
-        "_backlog", "_frag", "_frag_binary", "_out", "_out_keep", "_rate", "_rate_time",
+        "_backlog", "_drain_waiters", "_frag", "_frag_binary", "_out", "_out_keep", "_rate",
+        "_rate_time",
         "_token_time", "_tokens", "admitting", "app", "app_gate", "app_tail", "cid",
         "close_code", "closing", "congested", "expiry", "frozen", "holding", "host",
         "inflight", "policy", "raw", "reading_paused", "request", "server_closed", "transport",
@@ -86,6 +87,7 @@ class Connection(WSListener):
         self._backlog: Backlog | None = None  # held while congested (see push); else None
         self._out: list[tuple[WSMsgType, bytes]] | None = None  # pushed this turn (see flush)
         self._out_keep = False  # _out holds a frame that may not be dropped
+        self._drain_waiters: list[asyncio.Future[None]] | None = None  # see drained()
         self._frag: bytearray | None = None
         self._frag_binary = False
         cfg = host.config
@@ -137,6 +139,7 @@ class Connection(WSListener):
             self.close_code = _code(WSCloseCode.ABNORMAL_CLOSURE)
         if self.expiry is not None:
             self.expiry.cancel()
+        self._wake_drain_waiters()
         self.host.on_closed(self)
 
     def pause_writing(self) -> None:
@@ -146,6 +149,7 @@ class Connection(WSListener):
         """The transport's buffer drained below its low mark: write what was held back, in
         order, until it is full again."""
         self.congested = False
+        self._wake_drain_waiters()
         backlog, transport = self._backlog, self.transport
         if backlog is None or transport is None:
             return
@@ -155,6 +159,25 @@ class Connection(WSListener):
                 self._backlog = None
                 return
             transport.send(*held)
+
+    def drained(self) -> asyncio.Future[None]:
+        """A future done when the transport's buffer next drains below its low-water mark, or
+        when the connection closes (check ``closing``): a producer that pushes in pages (the
+        replay of a resume) waits on it while the connection is ``congested``."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.closing or self.transport is None:
+            fut.set_result(None)
+            return fut
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(fut)
+        return fut
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(None)
 
     # --- inbound ---------------------------------------------------------------------
     def _check_frag(self) -> bool:
