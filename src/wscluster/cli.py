@@ -67,12 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "api-key", None)
     _add(s, "max-connections", d.max_connections, int)
     _add(s, "max-message-size", d.max_message_size, int)
-    _add(s, "max-frame-size", d.max_frame_size, int)
+    _add(s, "max-frame-size", d.max_frame_size, int,
+         help="bytes of one frame: over it, close 1009 (between it and --max-message-size: "
+         "error too_large)")
+    _add(s, "fragment-timeout", d.fragment_timeout, float,
+         help="seconds a client has to finish a fragmented message, else close 1008 (0: none)")
     _add(s, "max-outbox", d.max_outbox, int, help="bytes queued per client before 1013")
     _add(s, "max-connections-per-uid", d.max_connections_per_uid, int, help="0: no limit")
     _add(s, "max-session-size", d.max_session_size, int, help="bytes of session per connection")
     _add(s, "rate-limit", d.rate_limit, float, help="client frames per second (0: no limit)")
     _add(s, "rate-burst", d.rate_burst, int, help="client frames allowed in a burst")
+    _add(s, "ping-rate", d.ping_rate, float,
+         help="pings per second a client may send, WebSocket or app-level (0: no limit)")
+    _add(s, "ping-burst", d.ping_burst, int, help="pings allowed in a burst")
     _add(s, "ping-interval", d.ping_interval, float)
     _add(s, "node-heartbeat", d.node_heartbeat, float)
     _add(s, "node-ttl", d.node_ttl, float)

@@ -29,7 +29,9 @@ class NodeConfig:
     api_key: str | None = None
     max_connections: int = 10_000
     max_message_size: int = 64 * 1024
-    max_frame_size: int = 1024 * 1024
+    max_frame_size: int = 256 * 1024  # single frames over it close 1009 (picows' read buffer
+    # grows to the largest frame read and never shrinks: this bounds what a client can pin)
+    fragment_timeout: float = 10.0  # seconds to finish a fragmented message (0: no limit)
     max_outbox: int = 1024 * 1024  # bytes queued to one client before it is closed 1013
     max_groups_per_connection: int = 1000
     max_connections_per_uid: int = 100  # cluster-wide; 0: no limit
@@ -38,6 +40,8 @@ class NodeConfig:
     rate_burst: int = 200  # ...after a burst of this many
     max_inflight: int = 256  # requests awaiting I/O per connection before reading pauses
     max_publish_queue: int = 32 * 1024 * 1024  # bytes; above it sends get rate_limited
+    ping_rate: float = 10.0  # pings (WebSocket and app-level) per second (0: no limit)...
+    ping_burst: int = 50  # ...after a burst of this many
     abuse_burst: int = 1000  # errors a connection may cause in a burst...
     abuse_rate: float = 100.0  # ...and per second after that, before it is closed 1008
     ping_interval: float = 25.0
@@ -87,6 +91,10 @@ class NodeConfig:
             raise ValueError("--allowed-origins needs at least one origin")
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ValueError("--rate-limit must be >= 0 and --rate-burst >= 1")
+        if self.ping_rate < 0 or self.ping_burst < 1:
+            raise ValueError("--ping-rate must be >= 0 and --ping-burst >= 1")
+        if self.fragment_timeout < 0:
+            raise ValueError("--fragment-timeout must be >= 0 (0: no limit)")
         scheme = self.presence_url.partition("://")[0].lower()
         if scheme not in ("redis", "rediss", "unix", "memory"):
             raise ValueError(

@@ -71,14 +71,17 @@ def _check_id(value: Any) -> FrameId:
     raise bad_request(f"'id' must be an integer or a string of at most {MAX_ID_LEN} characters")
 
 
-def parse(payload: bytes) -> Command:
-    """Decode one text frame. Raises FrameError with the frame's id where it is known."""
-    try:
-        # msgspec checks UTF-8 only in what it decodes: `data` stays raw and is forwarded as
-        # it is, so the whole frame is checked here (invalid UTF-8 would break receivers).
-        payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FrameError(Code.BAD_JSON, f"not valid UTF-8 at byte {exc.start}", None) from None
+def parse(payload: bytes, utf8_checked: bool = False) -> Command:
+    """Decode one text frame. Raises FrameError with the frame's id where it is known.
+    ``utf8_checked``: the transport already refused invalid UTF-8 (a WebSocket text frame
+    that is not UTF-8 closes the connection with 1007, RFC 6455 8.1)."""
+    if not utf8_checked:
+        try:
+            # msgspec checks UTF-8 only in what it decodes: `data` stays raw and is forwarded
+            # as it is, so the whole frame is checked (invalid UTF-8 would break receivers).
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FrameError(Code.BAD_JSON, f"not valid UTF-8 at byte {exc.start}", None) from None
     try:
         raw = _decoder.decode(payload)
     except msgspec.ValidationError as exc:

@@ -47,14 +47,17 @@ class Handlers:
         node = self.node
         runner = node.app_runner
         try:
-            cmd = frames.parse(payload)
+            cmd = frames.parse(payload, utf8_checked=True)  # gateway/inbound.py did
         except frames.FrameError as exc:
             conn.error(exc.frame_id, exc.code, exc.message)
             return
         if len(payload) > node.config.max_message_size:
             conn.error(cmd.id, Code.TOO_LARGE, f"over {node.config.max_message_size} bytes")
             return
-        if not conn.take_token() and cmd.type != "ping":  # ping is always answered
+        if cmd.type == "ping":  # always answered, within its own limit (--ping-rate)
+            if not conn.count_ping():
+                return
+        elif not conn.take_token():
             conn.error(cmd.id, Code.RATE_LIMITED, "too many frames, slow down", charge=True)
             return
         handler = self._table.get(cmd.type)

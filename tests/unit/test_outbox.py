@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from picows import WSMsgType
 
-from wscluster.gateway.connection import HELD_COST, Backlog
+from wscluster.gateway.outbound import HELD_COST, Backlog
 from wscluster.outbox import MAX_RULES, OutboxRules, parse_rule
 from wscluster.policy import LOOKUP_CACHE
 

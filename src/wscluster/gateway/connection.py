@@ -1,18 +1,22 @@
 """One client connection: the picows listener. I/O edge only; protocol decisions are the
-node's (see handlers.py)."""
+node's (see handlers.py). What a client may send is checked in inbound.py, frames are
+written by outbound.py, and the limits on reading are token buckets (buckets.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from .. import frames
 from ..errors import Code
+from . import outbound
+from .buckets import Bucket
+from .inbound import TOO_LARGE, Assembler, Violation, check_utf8, close_code_valid
+from .limits import ABUSE_CLOSE, ReadLimits
+from .outbound import Backlog
 
 if TYPE_CHECKING:
     from ..app import Request
@@ -20,12 +24,10 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..policy import Policy
 
-ABUSE_CLOSE = 1008
+__all__ = ["ABUSE_CLOSE", "SLOW_CONSUMER_CLOSE", "Connection", "ConnectionHost"]
+
 SLOW_CONSUMER_CLOSE = 1013
 _ABORT_AFTER = 2.0  # seconds between our close frame and dropping the TCP link
-# Codes a peer may not put on the wire (RFC 6455 7.4.1): answered with 1000 instead.
-_NOT_ECHOED = frozenset({WSCloseCode.NO_INFO, WSCloseCode.ABNORMAL_CLOSURE})
-HELD_COST = 128  # bytes charged per held message on top of its payload (tuple, int, header)
 
 
 class ConnectionHost(Protocol):
@@ -49,22 +51,20 @@ class ConnectionHost(Protocol):
         ...
 
 
-class Connection(WSListener):
+class Connection(ReadLimits):
     """A client connection. ``cid`` is set by the node on open.
 
     Frames pushed in one turn of the event loop are written together when the node flushes
     (one system call for all of them, instead of one per frame: fan-out bursts and acks)."""
 
     __slots__ = (
-        "_backlog", "_drain_waiters", "_frag", "_frag_binary", "_out", "_out_keep", "_rate",
-        "_rate_time",
-        "_token_time", "_tokens", "admitting", "app", "app_gate", "app_tail", "cid",
-        "close_code", "closing", "congested", "expiry", "frozen", "holding", "host",
-        "inflight", "policy", "raw", "reading_paused", "request", "server_closed", "transport",
+        "_abuse", "_asm", "_backlog", "_drain_waiters", "_frag_timer", "_out", "_out_keep",
+        "admitting", "app", "app_gate", "app_tail", "cid", "close_code", "congested", "expiry",
+        "holding", "host", "policy", "raw", "request", "server_closed",
     )  # fmt: skip
 
     def __init__(self, host: ConnectionHost, request: Request) -> None:
-        super().__init__()
+        super().__init__(host.config)
         self.host = host
         self.request = request
         self.cid = ""
@@ -78,23 +78,15 @@ class Connection(WSListener):
         self.app: Any = None  # the application's handle (wscluster.conn.Conn), if any
         self.app_tail: asyncio.Future[None] | None = None  # last queued app handler
         self.app_gate: asyncio.Future[bool] | None = None  # on_connect may run (welcomed)
-        self.transport: WSTransport | None = None
-        self.closing = False
         self.congested = False
-        self.inflight = 0  # requests waiting for the broker or presence store
-        self.reading_paused = False
-        self.frozen = False  # reading stopped for good (drain)
         self._backlog: Backlog | None = None  # held while congested (see push); else None
         self._out: list[tuple[WSMsgType, bytes]] | None = None  # pushed this turn (see flush)
         self._out_keep = False  # _out holds a frame that may not be dropped
         self._drain_waiters: list[asyncio.Future[None]] | None = None  # see drained()
-        self._frag: bytearray | None = None
-        self._frag_binary = False
+        self._asm: Assembler | None = None  # made at the first fragmented message
+        self._frag_timer: asyncio.TimerHandle | None = None  # --fragment-timeout
         cfg = host.config
-        self._tokens = float(cfg.abuse_burst)
-        self._token_time = time.monotonic()
-        self._rate = float(cfg.rate_burst)  # frame rate limit (token bucket)
-        self._rate_time = self._token_time
+        self._abuse = Bucket(cfg.abuse_rate, cfg.abuse_burst, time.monotonic())  # errors caused
 
     # --- picows callbacks ------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -103,42 +95,81 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
-        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-            if self._frag is not None:  # a new data frame inside a fragmented message
-                self._frag = None
-                self.error(None, Code.BAD_REQUEST, "new message inside a fragmented one")
-                return
-            if frame.fin:
-                self._data(frame.get_payload_as_bytes(), kind is WSMsgType.BINARY)
-            else:
-                self._frag = bytearray(frame.get_payload_as_memoryview())
-                self._frag_binary = kind is WSMsgType.BINARY
-                self._check_frag()
-        elif kind is WSMsgType.CONTINUATION:
-            if self._frag is None:
-                self.error(None, Code.BAD_REQUEST, "continuation frame without a message")
-                return
-            self._frag += frame.get_payload_as_memoryview()
-            if self._check_frag() and frame.fin:
-                data, self._frag = bytes(self._frag), None
-                self._data(data, self._frag_binary)
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is ever negotiated
+            self.close(1002, "reserved bits set")
         elif kind is WSMsgType.CLOSE:
-            if not self.closing:  # the client started the closing handshake: answer it
-                self.closing = True
-                code = frame.get_close_code()
-                self.close_code = _code(code)
-                valid = isinstance(code, WSCloseCode) and code not in _NOT_ECHOED
-                transport.send_close(code if valid else WSCloseCode.OK)
-            transport.disconnect()
+            self._peer_closed(transport, frame)
+        elif kind is WSMsgType.PING or kind is WSMsgType.PONG:  # unsolicited pongs count too
+            if self.count_ping() and kind is WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+        elif self.closing:
+            return  # data after our close frame is dropped unread
+        elif frame.fin and kind is not WSMsgType.CONTINUATION and self._asm is None:
+            payload = frame.get_payload_as_bytes()  # a whole message: the usual case
+            binary = kind is WSMsgType.BINARY
+            if not binary:
+                try:
+                    check_utf8(payload)
+                except Violation as exc:
+                    self.close(exc.code, exc.reason)
+                    return
+            self._data(payload, binary)
+        else:
+            self._fragment(kind, frame)
+
+    def _fragment(self, kind: WSMsgType, frame: WSFrame) -> None:
+        """A frame of a fragmented message, or one out of place."""
+        asm = self._asm
+        if asm is None:
+            asm = self._asm = Assembler(self.host.config.max_message_size)
+        try:
+            got = asm.feed(kind.value, bool(frame.fin), frame.get_payload_as_memoryview())
+        except Violation as exc:
+            self.close(exc.code, exc.reason)
+            return
+        if not asm.open:  # the message ended (or was refused): free what it held
+            self._asm = None
+            if self._frag_timer is not None:
+                self._frag_timer.cancel()
+                self._frag_timer = None
+        elif self._frag_timer is None and self.host.config.fragment_timeout > 0:
+            self._frag_timer = asyncio.get_running_loop().call_later(
+                self.host.config.fragment_timeout, self.close, ABUSE_CLOSE,
+                "message not finished in time")  # fmt: skip
+        if isinstance(got, tuple):
+            self._data(*got)
+        elif got is TOO_LARGE:
+            if self.raw:
+                self.close(1009, "message too big")
+            else:
+                size = self.host.config.max_message_size
+                self.error(None, Code.TOO_LARGE, f"message over {size} bytes")
+
+    def _peer_closed(self, transport: WSTransport, frame: WSFrame) -> None:
+        """The client started the closing handshake (or answered ours): answer it."""
+        if not self.closing:
+            self.closing = True
+            code = frame.get_close_code()
+            self.close_code = _code(code)
+            if frame.payload_size < 2:  # no code given
+                answer = WSCloseCode.OK
+            elif close_code_valid(self.close_code):
+                answer = code
+            else:  # 0, 1005, 1006, 5000...: codes no peer may send (RFC 6455 7.4)
+                answer = WSCloseCode.PROTOCOL_ERROR
+            transport.send_close(answer)
+        transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
         self._backlog = None
         self._out = None
+        self._asm = None
         if self.close_code is None:
             self.close_code = _code(WSCloseCode.ABNORMAL_CLOSURE)
-        if self.expiry is not None:
-            self.expiry.cancel()
+        for timer in (self.expiry, self._frag_timer, self._wake):
+            if timer is not None:
+                timer.cancel()
         self._wake_drain_waiters()
         self.host.on_closed(self)
 
@@ -153,12 +184,13 @@ class Connection(WSListener):
         backlog, transport = self._backlog, self.transport
         if backlog is None or transport is None:
             return
+        tr = transport.underlying_transport
         while not self.congested:  # a write over the high mark calls pause_writing at once
             held = backlog.pop()
             if held is None:
                 self._backlog = None
                 return
-            transport.send(*held)
+            outbound.write(tr, *held)
 
     def drained(self) -> asyncio.Future[None]:
         """A future done when the transport's buffer next drains below its low-water mark, or
@@ -179,19 +211,13 @@ class Connection(WSListener):
             if not fut.done():
                 fut.set_result(None)
 
-    # --- inbound ---------------------------------------------------------------------
-    def _check_frag(self) -> bool:
-        assert self._frag is not None
-        if len(self._frag) > self.host.config.max_frame_size:
-            self._frag = None
-            self.close(1009, "message too big")
-            return False
-        return True
+    @property
+    def config(self) -> NodeConfig:
+        return self.host.config
 
+    # --- inbound ---------------------------------------------------------------------
     def _data(self, payload: bytes, binary: bool) -> None:
         self.host.metrics.frames_in.inc()
-        if self.closing:
-            return
         if binary:
             if not self.host.on_binary(self, payload):
                 self.error(None, Code.BAD_REQUEST, "binary frames are not accepted")
@@ -222,22 +248,18 @@ class Connection(WSListener):
             self.host.want_flush(self)
 
     def flush(self) -> None:
-        """Write this turn's frames: one frame as picows sends it, several in one writev."""
+        """Write this turn's frames, several in one writev."""
         out, self._out = self._out, None
         transport = self.transport
         if out is None or transport is None or self.closing:
             return
+        tr = transport.underlying_transport
         if len(out) == 1:
-            transport.send(*out[0])
+            outbound.write(tr, *out[0])
         else:
-            parts: list[bytes] = []
-            for kind, payload in out:
-                parts.append(_header(kind, len(payload)))
-                parts.append(payload)
-            transport.underlying_transport.writelines(parts)
+            outbound.write_all(tr, out)
         if self.congested and self._out_keep:  # a droppable frame after it would be held
-            buffered = transport.underlying_transport.get_write_buffer_size()
-            if buffered > self.host.config.max_outbox:
+            if tr.get_write_buffer_size() > self.host.config.max_outbox:
                 self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
 
     def _hold(self, payload: bytes, kind: WSMsgType, droppable: bool) -> None:
@@ -275,16 +297,7 @@ class Connection(WSListener):
             self.reply(frames.error(frame_id, code.value, message))
         if charge is None:
             charge = code not in (Code.UNAVAILABLE, Code.INTERNAL, Code.RATE_LIMITED)
-        if not charge:
-            return
-        now = time.monotonic()
-        cfg = self.host.config
-        self._tokens = min(
-            float(cfg.abuse_burst), self._tokens + (now - self._token_time) * cfg.abuse_rate
-        )
-        self._token_time = now
-        self._tokens -= 1
-        if self._tokens < 0:
+        if charge and not self._abuse.charge(1.0, time.monotonic()):
             self.close(ABUSE_CLOSE, "too many bad frames")
 
     def close(self, code: int, reason: str = "") -> None:
@@ -297,126 +310,20 @@ class Connection(WSListener):
         self.close_code = code
         self.host.metrics.closes.labels(code=str(code)).inc()
         transport = self.transport
+        tr = transport.underlying_transport
         backlog, self._backlog = self._backlog, None
         out, self._out = self._out, None
+        self._asm = None
         if code != SLOW_CONSUMER_CLOSE:  # what was pushed goes before the close
-            for frame in out or ():
-                transport.send(*frame)
+            if out:
+                outbound.write_all(tr, out)
             while backlog is not None and (held := backlog.pop()) is not None:
-                transport.send(*held)
-        transport.send_close(WSCloseCode(code), _reason(reason))
-        if self.reading_paused:  # read again to see the peer's close frame (data is dropped)
-            self.reading_paused = False
-            transport.underlying_transport.resume_reading()
-        asyncio.get_running_loop().call_later(_ABORT_AFTER, transport.underlying_transport.abort)
-
-    def take_token(self) -> bool:
-        """One frame against the rate limit (``--rate-limit`` per second, ``--rate-burst``)."""
-        cfg = self.host.config
-        if cfg.rate_limit <= 0:
-            return True
-        now = time.monotonic()
-        refill = (now - self._rate_time) * cfg.rate_limit
-        self._rate = min(float(cfg.rate_burst), self._rate + refill)
-        self._rate_time = now
-        if self._rate < 1.0:
-            return False
-        self._rate -= 1.0
-        return True
-
-    # --- backpressure on the sender --------------------------------------------------
-    def sent(self) -> None:
-        """A request finished its I/O (a send was handed to the broker, a join confirmed, or
-        either failed): maybe resume reading."""
-        self.inflight -= 1
-        if self.frozen:
-            return
-        if self.reading_paused and self.inflight <= self.host.config.max_inflight // 2:
-            self.reading_paused = False
-            if self.transport is not None and not self.closing:
-                self.transport.underlying_transport.resume_reading()
-
-    def freeze(self) -> None:
-        """Read no more frames (drain): what is in flight still gets its answer."""
-        self.frozen = True
-        if not self.reading_paused and self.transport is not None and not self.closing:
-            self.reading_paused = True
-            self.transport.underlying_transport.pause_reading()
-
-    def sending(self) -> None:
-        self.inflight += 1
-        if not self.reading_paused and self.inflight >= self.host.config.max_inflight:
-            self.reading_paused = True
-            if self.transport is not None:
-                self.transport.underlying_transport.pause_reading()
-
-
-class Backlog:
-    """The messages a congested connection holds back, in push order: the droppable ones
-    (dropped oldest first past the bound) and the others (never dropped), merged by a
-    sequence number when written."""
-
-    __slots__ = ("droppable_bytes", "drops", "keeps", "kept_bytes", "seq")
-
-    def __init__(self) -> None:
-        self.drops: deque[tuple[int, WSMsgType, bytes]] = deque()
-        self.keeps: deque[tuple[int, WSMsgType, bytes]] = deque()
-        self.droppable_bytes = 0  # held bytes of droppable messages (charged HELD_COST each)
-        self.kept_bytes = 0  # held bytes of the others
-        self.seq = 0
-
-    def add(self, kind: WSMsgType, payload: bytes) -> None:
-        self.seq += 1
-        self.keeps.append((self.seq, kind, payload))
-        self.kept_bytes += len(payload) + HELD_COST
-
-    def add_droppable(self, kind: WSMsgType, payload: bytes, limit: int) -> int:
-        """Hold a droppable message, then drop the oldest ones (maybe this one) until they
-        weigh at most ``limit`` bytes; how many were dropped."""
-        self.seq += 1
-        self.drops.append((self.seq, kind, payload))
-        self.droppable_bytes += len(payload) + HELD_COST
-        n = 0
-        while self.droppable_bytes > limit:
-            self.droppable_bytes -= len(self.drops.popleft()[2]) + HELD_COST
-            n += 1
-        return n
-
-    def pop(self) -> tuple[WSMsgType, bytes] | None:
-        """The oldest held message (droppable or not), or None when nothing is held."""
-        drops, keeps = self.drops, self.keeps
-        if keeps and (not drops or keeps[0][0] < drops[0][0]):
-            _, kind, payload = keeps.popleft()
-            self.kept_bytes -= len(payload) + HELD_COST
-        elif drops:
-            _, kind, payload = drops.popleft()
-            self.droppable_bytes -= len(payload) + HELD_COST
-        else:
-            return None
-        return kind, payload
-
-
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
-
-
-def _header(kind: WSMsgType, size: int) -> bytes:
-    """The header of an unmasked, final server frame (RFC 6455 5.2)."""
-    first = 0x80 | kind.value
-    if size < 126:
-        return _SHORT.pack(first, size)
-    if size < 65536:
-        return _MEDIUM.pack(first, 126, size)
-    return _LONG.pack(first, 127, size)
-
-
-def _reason(reason: str) -> bytes | None:
-    """A close reason that fits a control frame (123 bytes), cut at a character boundary:
-    a reason that is not valid UTF-8 makes clients fail the connection (1006, not the code)."""
-    if not reason:
-        return None
-    return reason.encode()[:120].decode("utf-8", "ignore").encode()
+                outbound.write(tr, *held)
+        transport.send_close(WSCloseCode(code), outbound.close_reason(reason))
+        if self._paused:  # read again to see the peer's close frame (data is dropped)
+            self._paused = 0
+            tr.resume_reading()
+        asyncio.get_running_loop().call_later(_ABORT_AFTER, tr.abort)
 
 
 def _code(code: object) -> int:

@@ -25,6 +25,7 @@ from .connection import Connection
 if TYPE_CHECKING:
     from ..node import Node
 
+
 class _PeerNoise(logging.Filter):
     """picows logs every connection at INFO and every client protocol error at ERROR: a
     client could flood the log. Keep only records that carry an exception (a bug of ours)."""
@@ -113,9 +114,7 @@ class PublicServer:
                 diagnosis = node.gate.diagnose(query.decode("latin-1"), request.headers)
                 body = msgspec.json.encode({"error": diagnosis.reason})
                 return _plain(diagnosis.status, body, "application/json")
-            verdict = node.gate.check(
-                "/ws", query.decode("latin-1"), request.headers
-            )
+            verdict = node.gate.check("/ws", query.decode("latin-1"), request.headers)
             if isinstance(verdict, Refusal):
                 return _refuse(node, verdict.status, verdict.reason)
             return Connection(node, verdict)
@@ -160,6 +159,7 @@ class PublicServer:
             cfg.port,
             websocket_handshake_timeout=5,
             enable_auto_ping=True,
+            enable_auto_pong=False,  # the connection answers pings itself, within a rate
             auto_ping_idle_timeout=cfg.ping_interval,
             auto_ping_reply_timeout=cfg.ping_interval,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
