@@ -444,10 +444,12 @@ async def test_quiet_websocket_outlives_the_read_timeout(
 async def test_large_messages_through_nginx(
     valkey: EmbeddedRedis, make_cluster: MakeCluster, start_nginx: StartNginx, unique: str
 ) -> None:
-    """Frames up to the nodes' 1 MiB frame limit pass through nginx whole
+    """Frames up to the nodes' frame limit (raised to 1 MiB here) pass through nginx whole
     (client_max_body_size 1k is for request bodies, not for an upgraded connection), and a
     bigger one is closed 1009 by the node, through nginx."""
-    c = make_cluster(valkey.url, 2, ["--max-message-size", "1040000"])
+    c = make_cluster(
+        valkey.url, 2, ["--max-message-size", "1040000", "--max-frame-size", "1048576"]
+    )
     base = start_nginx(c).base
     a = await WS.open(ws(base, "/ws"), uid=f"a{unique}")
     b = await WS.open(ws(base, "/ws"), uid=f"b{unique}")
