@@ -85,8 +85,7 @@ class Connection(ReadLimits):
         self._drain_waiters: list[asyncio.Future[None]] | None = None  # see drained()
         self._asm: Assembler | None = None  # made at the first fragmented message
         self._frag_timer: asyncio.TimerHandle | None = None  # --fragment-timeout
-        cfg = host.config
-        self._abuse = Bucket(cfg.abuse_rate, cfg.abuse_burst, time.monotonic())  # errors caused
+        self._abuse: Bucket | None = None  # errors caused (made at the first one)
 
     # --- picows callbacks ------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -297,7 +296,14 @@ class Connection(ReadLimits):
             self.reply(frames.error(frame_id, code.value, message))
         if charge is None:
             charge = code not in (Code.UNAVAILABLE, Code.INTERNAL, Code.RATE_LIMITED)
-        if charge and not self._abuse.charge(1.0, time.monotonic()):
+        if not charge:
+            return
+        now = time.monotonic()
+        abuse = self._abuse
+        if abuse is None:
+            cfg = self.host.config
+            abuse = self._abuse = Bucket(cfg.abuse_rate, cfg.abuse_burst, now)
+        if not abuse.charge(1.0, now):
             self.close(ABUSE_CLOSE, "too many bad frames")
 
     def close(self, code: int, reason: str = "") -> None:

@@ -36,7 +36,7 @@ class ReadLimits(WSListener):
         self._paused = 0  # why reading is paused: _INFLIGHT | _DEBT | _FROZEN
         now = time.monotonic()
         self._rate = Bucket(cfg.rate_limit, cfg.rate_burst, now) if cfg.rate_limit > 0 else None
-        self._pings = Bucket(cfg.ping_rate, cfg.ping_burst, now) if cfg.ping_rate > 0 else None
+        self._pings: Bucket | None = None  # made at the first ping (most clients send none)
         self._pings_over = 0.0  # since when pings come faster than allowed (0: they do not)
         self._wake: asyncio.TimerHandle | None = None  # reading resumes when debts are repaid
 
@@ -68,10 +68,13 @@ class ReadLimits(WSListener):
         """A ping (WebSocket or ``{"type": "ping"}``) against ``--ping-rate``: over it,
         reading pauses until the bucket is repaid; over it for PINGS_OVER_CLOSE seconds,
         the connection is closed 1008. Whether to answer (False: it was closed)."""
-        pings = self._pings
-        if pings is None or self.closing:
+        cfg = self.config
+        if cfg.ping_rate <= 0 or self.closing:
             return not self.closing
         now = time.monotonic()
+        pings = self._pings
+        if pings is None:
+            pings = self._pings = Bucket(cfg.ping_rate, cfg.ping_burst, now)
         if pings.charge(1.0, now):
             self._pings_over = 0.0
             return True
