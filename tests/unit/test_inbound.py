@@ -122,9 +122,10 @@ def test_bucket_take_refuses_when_empty_and_refills() -> None:
 def test_bucket_charge_goes_into_debt_and_says_when_it_is_repaid() -> None:
     b = Bucket(100.0, 200, now=0.0)
     assert not b.charge(999, 0.0)  # done anyway
-    assert b.debt_time(0.0) == pytest.approx(7.99)
+    assert b.debt_time(0.0) == pytest.approx(8.0)  # until a whole token is back
     assert not b.take(5.0)  # still in debt
     assert b.debt_time(8.0) == 0.0
     assert b.tokens == pytest.approx(1.0)
+    assert b.take(8.0)  # the next frame read passes
     assert b.charge(1.0, 100.0)
     assert b.tokens == pytest.approx(199.0)  # refilled up to the burst, not beyond

@@ -4,7 +4,7 @@ A bucket holds at most ``burst`` tokens and gains ``rate`` per second. ``take`` 
 only when there is one (the frame limit: over it, the frame is refused). ``charge`` always
 spends, and may leave the bucket in debt: the work is done (a resume after a reconnect must
 go through), and the connection is not read until the debt is repaid, so a client that
-keeps doing it slows only itself.
+keeps doing it slows only itself. Reading resumes when the bucket holds a whole token again.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Bucket:
         return enough
 
     def debt_time(self, now: float) -> float:
-        """Seconds until the bucket is out of debt (0 when it is not in debt)."""
+        """Seconds until a bucket in debt holds a whole token again, so that the next frame
+        read passes (0 when it is not in debt)."""
         self._refill(now)
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+        return (1.0 - self.tokens) / self.rate if self.tokens < 0 else 0.0

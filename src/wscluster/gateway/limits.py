@@ -76,7 +76,11 @@ class ReadLimits(WSListener):
         if pings is None:
             pings = self._pings = Bucket(cfg.ping_rate, cfg.ping_burst, now)
         if pings.charge(1.0, now):
-            self._pings_over = 0.0
+            # Within the limit. After a pause, reading resumes with one token in the bucket:
+            # a client still over the limit is back in debt at its next ping. Only a spare
+            # token shows that it slowed down.
+            if pings.tokens >= 1.0:
+                self._pings_over = 0.0
             return True
         if not self._pings_over:
             self._pings_over = now
