@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+import pytest
+import websockets
 from websockets.exceptions import ConnectionClosed
 
+from .conftest import Cluster, _make
 from .wsclient import WS
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
@@ -58,3 +63,86 @@ async def closed_with(ws: WS, timeout: float = 5.0) -> tuple[int | None, str, li
     except ConnectionClosed as exc:
         rcvd = exc.rcvd
         return (rcvd.code, rcvd.reason, before) if rcvd is not None else (None, "", before)
+
+
+def message_frames(parts: list[bytes], opcode: int = TEXT, fin: bool = True) -> bytes:
+    """The frames of one fragmented message carrying ``parts`` in order: the first with
+    ``opcode``, the others continuations; the last one final unless ``fin`` is False (the
+    message is left unfinished)."""
+    out = []
+    for i, part in enumerate(parts):
+        last = fin and i == len(parts) - 1
+        out.append(client_frame(part, opcode if i == 0 else CONTINUATION, fin=last))
+    return b"".join(out)
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    """``data`` cut into pieces of ``size`` bytes (the last one shorter)."""
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+async def connect(url: str, raw: bool = False) -> WS:
+    """A connection for the frame tests: a core one once welcomed, or one to a raw-mode node
+    (no welcome: its client id is left empty). Closed by the autouse fixture."""
+    if not raw:
+        return await WS.open(url)
+    conn = await websockets.connect(url, compression=None, max_size=None)
+    ws = WS(conn, {"type": "raw", "client_id": ""})
+    WS.opened.append(ws)
+    return ws
+
+
+async def recv_data(ws: WS, timeout: float = 5.0) -> str | bytes:
+    """The next data message, as the `websockets` parser assembled it."""
+    return await asyncio.wait_for(ws.conn.recv(), timeout)
+
+
+async def closed_with_raw(ws: WS, timeout: float = 5.0) -> tuple[int | None, str, list[Any]]:
+    """`closed_with` for raw-mode connections: the frames before the close as they are."""
+    before: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                before.append(await ws.conn.recv())
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        return (rcvd.code, rcvd.reason, before) if rcvd is not None else (None, "", before)
+
+
+# --- nodes in both modes --------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+RAW_APP = ["--app", "tests.cluster.apps.rawecho:app"]  # tests/cluster/apps/rawecho.py
+MODES = ("core", "raw")
+
+
+def start_modes(
+    redis_url: str, tmp: pytest.TempPathFactory, extra: list[str] | None = None
+) -> dict[str, Cluster]:
+    """One node per mode with the options ``extra``: "core" (no app) and "raw" (rawecho,
+    imported from the repository whatever pytest's cwd). Stop them with ``stop_modes``."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    nodes: dict[str, Cluster] = {}
+    try:
+        nodes["core"] = _make(redis_url, tmp.mktemp("core"), 1, extra)
+        nodes["raw"] = _make(redis_url, tmp.mktemp("raw"), 1, [*RAW_APP, *(extra or [])],
+                             {"PYTHONPATH": path})  # fmt: skip
+    except BaseException:
+        stop_modes(nodes)
+        raise
+    return nodes
+
+
+def stop_modes(nodes: dict[str, Cluster]) -> None:
+    for cluster in nodes.values():
+        cluster.stop()
+
+
+async def alive(ws: WS, mode: str) -> None:
+    """Assert that the connection still works: a core ``ping`` gets its ``pong``; rawecho
+    echoes a text."""
+    if mode == "core":
+        assert await ws.request({"type": "ping", "id": "alive"}, timeout=10) == {
+            "type": "pong", "id": "alive"}  # fmt: skip
+    else:
+        await ws.conn.send("alive?")
+        assert await recv_data(ws, 10) == "text:alive?"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from wscluster.errors import PresenceUnavailable
@@ -57,23 +57,47 @@ redis.call('PUBLISH', ARGV[1], string.format('#%d:%s:', offset, epoch) .. ARGV[2
 return offset
 """
 
-# KEYS: meta, stream. ARGV: the reader's epoch ('' for none), after, limit.
-# -> {epoch or '', top, oldest retained offset or 0, entries, newest-first?}
+# KEYS: meta, stream. ARGV: the reader's epoch ('' for none), after, limit, count, budget,
+# upto. -> {epoch or '', top, oldest retained offset or 0, entries (oldest first)}
+# The window is (after, top], or its newest `limit` offsets (offsets are contiguous, so that
+# is the same set as the newest `limit` entries); `upto` > 0 ends it there instead of at top
+# and reads nothing in another epoch (a later page of a resume). One page holds at most
+# `count` entries and, when `budget` > 0, at most `budget` bytes of envelopes (but at least
+# one entry). The entries are fetched in steps sized from the ones already taken, so a page
+# of large ones does not copy many more than it returns.
 READ = """
 local m = redis.call('HMGET', KEYS[1], 'e', 'o')
-if not m[1] then return {'', 0, 0, {}, 0} end
+if not m[1] then return {'', 0, 0, {}} end
 local top = tonumber(m[2])
-local after = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-if m[1] ~= ARGV[1] then after = 0 end
+local after, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local count, budget, upto = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local oldest = 0
 if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-if top - after > limit then
-  return {m[1], top, oldest, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit), 1}
+local out = {}
+if m[1] ~= ARGV[1] then
+  if upto > 0 then return {m[1], top, oldest, out} end
+  after = 0
 end
-local start = string.format('%d-0', after + 1)
-return {m[1], top, oldest, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', limit), 0}
+local stop = top
+if upto > 0 and upto < top then stop = upto end
+local from = math.max(after, stop - limit) + 1
+local size, step = 0, count
+if budget > 0 then step = 1 end
+while from <= stop and #out < count do
+  local got = redis.call('XRANGE', KEYS[2], string.format('%d-0', from),
+                         string.format('%d-0', stop), 'COUNT', math.min(step, count - #out))
+  if #got == 0 then break end
+  for _, entry in ipairs(got) do
+    local n = #entry[2][2]
+    if budget > 0 and #out > 0 and size + n > budget then return {m[1], top, oldest, out} end
+    out[#out + 1] = entry
+    size = size + n
+  end
+  from = tonumber(string.match(got[#got][1], '^(%d+)')) + 1
+  if budget > 0 then step = math.ceil((budget - size) * #out / math.max(size, 1)) + 1 end
+end
+return {m[1], top, oldest, out}
 """
 
 # KEYS: meta, stream. ARGV: the epoch that went back in time, a new epoch. A store that lost
@@ -100,9 +124,13 @@ class RedisHistory:
 
     def __init__(self, url: str, names: Any, timeout: float = 5.0) -> None:
         self._names = names
-        self._redis: Redis = Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=16
-        )
+        # A read waits for a free connection (up to ``timeout``) instead of failing at once:
+        # a burst of resumes, each reading page after page, often wants more than 16.
+        pool = BlockingConnectionPool.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=16,
+            timeout=timeout,
+        )  # fmt: skip
+        self._redis: Redis = Redis.from_pool(pool)
         self._read = self._redis.register_script(READ)
         self._bump = self._redis.register_script(BUMP)
         self._positions = self._redis.register_script(POSITIONS)
@@ -110,17 +138,24 @@ class RedisHistory:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def read(self, stream: str, epoch: str, after: int, limit: int) -> Read:
+    async def read(
+        self, stream: str, epoch: str, after: int, limit: int, *, count: int = 0,
+        budget: int = 0, upto: int = 0,
+    ) -> Read:  # fmt: skip
         """The entries after ``after`` (all retained ones when ``epoch`` is not the stream's),
-        at most ``limit`` (the newest ones when more are there)."""
+        at most ``limit`` (the newest ones when more are there), oldest first.
+
+        A paged reader (a resume) bounds each call by ``count`` entries and ``budget`` bytes
+        of envelopes (at least one entry is returned); it takes ``top`` from the first call
+        and reads the next pages with ``after`` = the last offset it got and ``upto`` = that
+        top, which reads nothing once the stream is in another epoch."""
         keys = [self._names.history_meta_key(stream), self._names.history_key(stream)]
+        args: list[str | int] = [epoch, after, limit, count or limit, budget, upto]
         try:
-            raw = await self._read(keys=keys, args=[epoch, after, limit])
+            raw = await self._read(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise PresenceUnavailable(f"history store: {exc}") from None
         entries = [(_offset(entry_id), fields[1]) for entry_id, fields in raw[3]]
-        if raw[4]:
-            entries.reverse()
         return Read(_text(raw[0]), int(raw[1]), int(raw[2]), entries)
 
     async def bump(self, stream: str, epoch: str, new_epoch: str) -> bool:
