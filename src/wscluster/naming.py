@@ -17,8 +17,11 @@ def new_node_id(name: str) -> str:
     return f"{clean}-{os.urandom(4).hex()}"
 
 
-def client_id(node_id: str, counter: int) -> str:
-    return f"{node_id}.{counter:x}"
+def client_id(node_id: str) -> str:
+    """A fresh client id: ``<node id>.<16 hex>``. The node part routes it without a lookup;
+    the rest is 64 random bits from the OS, so nobody can guess another client's id (node
+    ids are public in ``/nodes.json``, and a counter let a client enumerate strangers)."""
+    return f"{node_id}.{os.urandom(8).hex()}"
 
 
 def node_of_client(cid: str) -> str | None:

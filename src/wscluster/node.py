@@ -85,7 +85,6 @@ class Node:
         self.draining = False
         self.started_at = time.time()
         self._watchers: dict[str, set[str]] = {}  # group -> cids that get presence events
-        self._counter = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unflushed: list[Connection] = []  # connections with frames pushed this turn
         self.heartbeat = Heartbeat(self)
@@ -183,8 +182,7 @@ class Node:
         return None
 
     def on_open(self, conn: Connection) -> None:
-        self._counter += 1
-        conn.cid = client_id(self.node_id, self._counter)
+        conn.cid = client_id(self.node_id)
         conn.raw = self.app is not None and self.app.raw
         self.registry.add(conn.cid, conn)
         self.metrics.connections.set(len(self.registry))

@@ -7,11 +7,12 @@ Claims read (all optional):
 - ``send_groups``: list of glob patterns naming groups it may send to without having
   joined them (absent: none).
 - ``can_broadcast``: ``true`` to allow sending to ``all`` (default false).
+- ``send_clients``: ``false`` to refuse sending to ``client:`` addresses (default true).
 - ``presence``: ``false`` to refuse presence questions (default true).
 
 A claim of the wrong type narrows rather than widens: a malformed ``groups`` or
 ``send_groups`` (not a list of strings, including ``null``) allows no group, and a
-non-boolean ``can_broadcast`` or ``presence`` counts as false. Only the first
+non-boolean ``can_broadcast``, ``presence`` or ``send_clients`` counts as false. Only the first
 ``MAX_PATTERNS`` patterns of a list are used.
 """
 
@@ -82,8 +83,10 @@ class Policy:
         send: tuple[re.Pattern[str], ...] = (),
         can_broadcast: bool = False,
         presence: bool = True,
+        send_clients: bool = True,
     ) -> None:
         self.anonymous = anonymous
+        self.send_clients = send_clients
         self._join = join  # None: any group
         self._send = send
         self.can_broadcast = can_broadcast
@@ -99,6 +102,7 @@ class Policy:
             send=_patterns(claims.get("send_groups")),
             can_broadcast=claims.get("can_broadcast") is True,
             presence=claims.get("presence", True) is True,
+            send_clients=claims.get("send_clients", True) is True,
         )
 
     def decide(self, action: Action, target: str, joined: Collection[str]) -> str | None:
@@ -136,8 +140,10 @@ class Policy:
     def _decide_send(self, target: str, joined: Collection[str]) -> str | None:
         if target == "all":
             return None if self.can_broadcast else "sending to all not allowed"
-        if target.startswith(("uid:", "client:")):
+        if target.startswith("uid:"):
             return None
+        if target.startswith("client:"):
+            return None if self.send_clients else "sending to clients not allowed"
         group = _group_name(target)
         if group is None:
             return "address not allowed"

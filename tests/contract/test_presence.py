@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from wscluster.embedded import EmbeddedRedis, free_port
 from wscluster.errors import Code, PresenceUnavailable, ProtocolError
-from wscluster.naming import Names, client_id, new_node_id
+from wscluster.naming import Names, new_node_id
 from wscluster.presence import ConnInfo, DeadNode, GroupInfo, Presence, create_presence
 from wscluster.presence.memory import MemoryPresence
 from wscluster.presence.redis import RedisPresence
@@ -75,6 +75,11 @@ async def store(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator
     await s.aclose()
 
 
+def _cid(node: str, i: int) -> str:
+    """A client id of ``node`` that tests can compute again (real ones are random)."""
+    return f"{node}.{i:x}"
+
+
 async def live_node(p: Presence, name: str = "n", ttl: float = TTL) -> str:
     node = new_node_id(name)
     assert await p.heartbeat(node, ttl, {"connections": 0}) is False  # new: unknown
@@ -85,7 +90,7 @@ async def live_node(p: Presence, name: str = "n", ttl: float = TTL) -> str:
 async def test_writes_are_read_from_another_instance(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
-    c1, c2 = client_id(node, 1), client_id(node, 2)
+    c1, c2 = _cid(node, 1), _cid(node, 2)
     await a.add(node, ConnInfo(c1, "alice", ["room"]))
     await a.add(node, ConnInfo(c2))
     assert await b.is_online("alice")
@@ -116,7 +121,7 @@ async def test_writes_are_read_from_another_instance(store: Store) -> None:
 async def test_a_burst_of_reads_is_answered_not_refused(store: Store) -> None:
     a = await store.make()
     node = await live_node(a)
-    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    await a.add(node, ConnInfo(_cid(node, 1), "alice", ["room"]))
     answers = await asyncio.gather(
         *(a.is_online("alice") for _ in range(1000)),
         *(a.group_members("room") for _ in range(1000)),
@@ -128,7 +133,7 @@ async def test_a_burst_of_reads_is_answered_not_refused(store: Store) -> None:
 async def test_rebind_moves_the_uid(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
-    cid = client_id(node, 1)
+    cid = _cid(node, 1)
     bob, room = "bob:élise 😀", 'salle:1/ü "x"'  # names are taken verbatim
     await a.add(node, ConnInfo(cid, "alice", [room]))
     await a.bind(node, cid, "alice", bob)
@@ -147,19 +152,19 @@ async def test_rebind_moves_the_uid(store: Store) -> None:
 async def test_group_uids_are_distinct_and_count_has_anonymous(store: Store) -> None:
     a, b = await store.make(), await store.make()
     n1, n2 = await live_node(a, "one"), await live_node(a, "two")
-    await a.add(n1, ConnInfo(client_id(n1, 1), "zoe", ["g"]))
-    await a.add(n1, ConnInfo(client_id(n1, 2), "alice", ["g"]))
-    await a.add(n2, ConnInfo(client_id(n2, 1), "alice", ["g"]))
-    await a.add(n2, ConnInfo(client_id(n2, 2), None, ["g"]))
+    await a.add(n1, ConnInfo(_cid(n1, 1), "zoe", ["g"]))
+    await a.add(n1, ConnInfo(_cid(n1, 2), "alice", ["g"]))
+    await a.add(n2, ConnInfo(_cid(n2, 1), "alice", ["g"]))
+    await a.add(n2, ConnInfo(_cid(n2, 2), None, ["g"]))
     info = await b.group_members("g")
     assert (info.uids, info.count) == (["alice", "zoe"], 4)
-    assert await b.client_ids("alice") == sorted([client_id(n1, 2), client_id(n2, 1)])
+    assert await b.client_ids("alice") == sorted([_cid(n1, 2), _cid(n2, 1)])
 
 
 async def test_writes_fired_without_awaiting_apply_in_order(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
-    cids = [client_id(node, i) for i in range(8)]
+    cids = [_cid(node, i) for i in range(8)]
     groups = [f"g{i}" for i in range(10)]
     uid = {c: f"u{i}" for i, c in enumerate(cids)}
     rng = random.Random(1234)
@@ -183,7 +188,7 @@ async def test_thousands_of_concurrent_adds_are_quick(store: Store) -> None:
     node = await live_node(a)
     started = time.monotonic()
     await asyncio.gather(
-        *(a.add(node, ConnInfo(client_id(node, i), f"u{i}", ["lobby"])) for i in range(5000))
+        *(a.add(node, ConnInfo(_cid(node, i), f"u{i}", ["lobby"])) for i in range(5000))
     )
     assert time.monotonic() - started < 3.0
     assert (await b.group_members("lobby")).count == 5000
@@ -192,8 +197,8 @@ async def test_thousands_of_concurrent_adds_are_quick(store: Store) -> None:
 async def test_readers_drop_expired_nodes_before_any_purge(store: Store) -> None:
     a, b = await store.make(), await store.make()
     dying, alive = await live_node(a, "dying", SHORT_TTL), await live_node(a, "alive")
-    await a.add(dying, ConnInfo(client_id(dying, 1), "alice", ["room"]))
-    await a.add(alive, ConnInfo(client_id(alive, 1), "bob", ["room"]))
+    await a.add(dying, ConnInfo(_cid(dying, 1), "alice", ["room"]))
+    await a.add(alive, ConnInfo(_cid(alive, 1), "bob", ["room"]))
     await a.heartbeat(dying, SHORT_TTL, {"connections": 1})
     assert await b.is_online("alice")
     assert {n.node_id for n in await b.nodes()} == {dying, alive}
@@ -211,13 +216,13 @@ async def test_purge_dead_claims_each_node_exactly_once(store: Store) -> None:
     dead = await live_node(writer, "dead", SHORT_TTL)
     keep = await live_node(survivors[0], "keep")
     conns = [
-        ConnInfo(client_id(dead, 1), "alice", ["a", "b"]),
-        ConnInfo(client_id(dead, 2), None, ["a"]),
-        ConnInfo(client_id(dead, 3), "bob", []),
+        ConnInfo(_cid(dead, 1), "alice", ["a", "b"]),
+        ConnInfo(_cid(dead, 2), None, ["a"]),
+        ConnInfo(_cid(dead, 3), "bob", []),
     ]
     for conn in conns:
         await writer.add(dead, conn)
-    await survivors[0].add(keep, ConnInfo(client_id(keep, 1), "carol", ["a"]))
+    await survivors[0].add(keep, ConnInfo(_cid(keep, 1), "carol", ["a"]))
     await asyncio.sleep(EXPIRED)
 
     results = await asyncio.gather(*(s.purge_dead() for s in survivors))
@@ -233,25 +238,25 @@ async def test_purge_dead_claims_each_node_exactly_once(store: Store) -> None:
     # a node that was only paused finds itself forgotten and resyncs
     assert await writer.heartbeat(dead, TTL, {"connections": 3}) is False
     await writer.resync(dead, conns, TTL, {"connections": 3})
-    assert await survivors[1].client_ids("alice") == [client_id(dead, 1)]
+    assert await survivors[1].client_ids("alice") == [_cid(dead, 1)]
 
 
 async def test_a_node_back_before_the_purge_is_kept(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a, "paused", SHORT_TTL)
-    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    await a.add(node, ConnInfo(_cid(node, 1), "alice", ["room"]))
     await asyncio.sleep(EXPIRED)
     assert not await b.is_online("alice")
     assert await a.heartbeat(node, TTL, {"connections": 1}) is True  # not purged yet
     assert await b.purge_dead() == []
-    assert await b.client_ids("alice") == [client_id(node, 1)]
+    assert await b.client_ids("alice") == [_cid(node, 1)]
     assert (await b.group_members("room")).count == 1
 
 
 async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
-    conns = [ConnInfo(client_id(node, 1), "alice", ["room"]), ConnInfo(client_id(node, 2))]
+    conns = [ConnInfo(_cid(node, 1), "alice", ["room"]), ConnInfo(_cid(node, 2))]
     for conn in conns:
         await a.add(node, conn)
     assert await a.heartbeat(node, TTL, {"connections": 2}) is True
@@ -260,7 +265,7 @@ async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> No
     assert await a.heartbeat(node, TTL, {"connections": 2}) is False
     await a.resync(node, conns, TTL, {"connections": 2})
     assert await a.heartbeat(node, TTL, {"connections": 2}) is True
-    assert await b.client_ids("alice") == [client_id(node, 1)]
+    assert await b.client_ids("alice") == [_cid(node, 1)]
     info = await b.group_members("room")
     assert (info.uids, info.count) == (["alice"], 1)
 
@@ -268,10 +273,10 @@ async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> No
 async def test_resync_of_5000_connections_is_quick(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node = await live_node(a)
-    await a.add(node, ConnInfo(client_id(node, 99_999), "stale", ["old"]))
-    await a.add(node, ConnInfo(client_id(node, 0), "renamed", ["old", "g0"]))
+    await a.add(node, ConnInfo(_cid(node, 99_999), "stale", ["old"]))
+    await a.add(node, ConnInfo(_cid(node, 0), "renamed", ["old", "g0"]))
     conns = [
-        ConnInfo(client_id(node, i), f"u{i % 1000}", ["big", f"g{i % 10}"]) for i in range(5000)
+        ConnInfo(_cid(node, i), f"u{i % 1000}", ["big", f"g{i % 10}"]) for i in range(5000)
     ]
     started = time.monotonic()
     await a.resync(node, conns, TTL, {"connections": 5000})
@@ -282,14 +287,14 @@ async def test_resync_of_5000_connections_is_quick(store: Store) -> None:
     assert (await b.group_members("old")).count == 0
     assert not await b.is_online("stale")
     assert not await b.is_online("renamed")
-    assert await b.client_ids("u0") == sorted(client_id(node, i) for i in range(0, 5000, 1000))
+    assert await b.client_ids("u0") == sorted(_cid(node, i) for i in range(0, 5000, 1000))
 
 
 async def test_remove_node_forgets_it_and_its_connections(store: Store) -> None:
     a, b = await store.make(), await store.make()
     node, other = await live_node(a), await live_node(a, "other")
-    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
-    await a.add(other, ConnInfo(client_id(other, 1), "bob", ["room"]))
+    await a.add(node, ConnInfo(_cid(node, 1), "alice", ["room"]))
+    await a.add(other, ConnInfo(_cid(other, 1), "bob", ["room"]))
     await a.remove_node(node)
     assert not await b.is_online("alice")
     assert (await b.group_members("room")).uids == ["bob"]
@@ -312,13 +317,13 @@ async def test_namespaces_isolate_clusters(store: Store, namespace: str) -> None
     node = new_node_id("same")
     for p in (a, b):
         await p.heartbeat(node, SHORT_TTL, {"connections": 1})
-    await a.add(node, ConnInfo(client_id(node, 1), "alice", ["room"]))
+    await a.add(node, ConnInfo(_cid(node, 1), "alice", ["room"]))
     assert not await b.is_online("alice")
     assert (await b.group_members("room")).count == 0
     await asyncio.sleep(EXPIRED)
     assert [d.node_id for d in await b.purge_dead()] == [node]
     [dead] = await a.purge_dead()
-    assert dead.connections == [ConnInfo(client_id(node, 1), "alice", ["room"])]
+    assert dead.connections == [ConnInfo(_cid(node, 1), "alice", ["room"])]
 
 
 # --- sessions -----------------------------------------------------------------------------
@@ -329,7 +334,7 @@ async def open_conn(store: Store, ttl: float = TTL) -> tuple[Presence, Presence,
     """Two instances, a live node of the first and one of its connections."""
     a, b = await store.make(), await store.make()
     node = await live_node(a, "s", ttl)
-    cid = client_id(node, 1)
+    cid = _cid(node, 1)
     await a.add(node, ConnInfo(cid, "alice", ["room"]))
     return a, b, node, cid
 
@@ -347,7 +352,7 @@ async def test_session_is_written_and_read_by_any_instance(store: Store) -> None
     assert await a.set_session(node, cid, {"y": "b", "z": [1]}, replace=False, limit=LIMIT)
     assert await b.get_session(cid) == {"x": 1, "y": "b", "z": [1]}
     # a session write queued right behind the add that creates the connection sees it
-    c2 = client_id(node, 2)
+    c2 = _cid(node, 2)
     _, written = await asyncio.gather(
         a.add(node, ConnInfo(c2)), a.set_session(node, c2, {"k": "v"}, replace=True, limit=LIMIT)
     )
@@ -379,7 +384,7 @@ async def test_session_merge_replace_and_none(store: Store) -> None:
 async def test_session_of_unknown_or_closed_connection(store: Store) -> None:
     a, b, node, cid = await open_conn(store)
     before = await store.keys() if store.kind == "redis" else []
-    for unknown in (client_id(node, 77), client_id(new_node_id("x"), 1), "not-a-cid"):
+    for unknown in (_cid(node, 77), _cid(new_node_id("x"), 1), "not-a-cid"):
         assert await b.set_session(node, unknown, {"x": 1}, replace=False, limit=LIMIT) is False
         assert await b.set_session(node, unknown, {"x": 1}, replace=True, limit=LIMIT) is False
         assert await a.get_session(unknown) is None
@@ -476,7 +481,7 @@ async def test_session_of_a_dead_node(store: Store) -> None:
 
 async def test_resync_and_remove_node_keep_or_drop_sessions(store: Store) -> None:
     a, b, node, c1 = await open_conn(store)
-    c2, c3 = client_id(node, 2), client_id(node, 3)
+    c2, c3 = _cid(node, 2), _cid(node, 3)
     await a.add(node, ConnInfo(c2, "bob", ["room"]))
     assert await a.set_session(node, c1, {"k": [1, None]}, replace=True, limit=LIMIT)
     assert await a.set_session(node, c2, {"k": 2}, replace=True, limit=LIMIT)
@@ -499,7 +504,7 @@ async def test_resync_and_remove_node_keep_or_drop_sessions(store: Store) -> Non
 
 async def test_thousands_of_groups_and_session_keys(store: Store) -> None:
     a, b, node, _ = await open_conn(store)
-    c2 = client_id(node, 2)
+    c2 = _cid(node, 2)
     await a.add(node, ConnInfo(c2, "bob", [f"g{i}" for i in range(5000)]))
     assert await a.heartbeat(node, TTL, {}) is True  # no write failed
     assert (await b.group_members("g4999")).uids == ["bob"]
@@ -519,7 +524,7 @@ async def test_redis_down_fails_fast_then_heals(own_valkey: EmbeddedRedis, names
     await p.start()
     try:
         node = await live_node(p)
-        conn = ConnInfo(client_id(node, 1), "alice", ["room"])
+        conn = ConnInfo(_cid(node, 1), "alice", ["room"])
         await p.add(node, conn)
         own_valkey.stop(kill=True)
         for write in (p.add(node, conn), p.heartbeat(node, TTL, {}), p.purge_dead()):
@@ -547,7 +552,7 @@ async def test_redis_silent_times_out_then_asks_for_resync(
     assert pid is not None
     try:
         node = await live_node(p)
-        conn = ConnInfo(client_id(node, 1), "alice", ["room"])
+        conn = ConnInfo(_cid(node, 1), "alice", ["room"])
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -583,7 +588,7 @@ async def test_redis_unreachable_at_start(namespace: str) -> None:
     finally:
         await p.close()
     with pytest.raises(PresenceUnavailable):  # closed
-        await p.add(node, ConnInfo(client_id(node, 1)))
+        await p.add(node, ConnInfo(_cid(node, 1)))
 
 
 async def test_create_presence_picks_the_backend_by_scheme() -> None:
@@ -607,7 +612,7 @@ async def test_memory_hubs_are_isolated() -> None:
     a, b = MemoryPresence(names, "h-a"), MemoryPresence(names, "h-b")
     node = new_node_id("n")
     await a.heartbeat(node, TTL, {})
-    await a.add(node, ConnInfo(client_id(node, 1), "alice"))
+    await a.add(node, ConnInfo(_cid(node, 1), "alice"))
     assert await MemoryPresence(names, "h-a").is_online("alice")
     assert not await b.is_online("alice")
     await a.remove_node(node)

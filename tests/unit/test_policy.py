@@ -257,3 +257,13 @@ def test_presence_of_groups_follows_the_groups_claim() -> None:
     assert policy.decide(Action.PRESENCE, "group:lobby", ("lobby",)) is None  # joined
     assert policy.decide(Action.PRESENCE, "uid:bob", ()) is None
     assert Policy.from_claims({}).decide(Action.PRESENCE, "group:any", ()) is None
+
+
+def test_send_clients_claim() -> None:
+    assert Policy.from_claims({}).decide(Action.SEND, "client:n-1.ab", ()) is None
+    no = Policy.from_claims({"send_clients": False})
+    assert no.decide(Action.SEND, "client:n-1.ab", ()) is not None
+    assert no.decide(Action.SEND, "uid:alice", ()) is None
+    odd = Policy.from_claims({"send_clients": "false"})  # the wrong type narrows
+    assert odd.decide(Action.SEND, "client:n-1.ab", ()) is not None
+    assert Policy.from_claims(None).decide(Action.SEND, "client:n-1.ab", ()) is None

@@ -38,16 +38,20 @@ def test_client_ids_embed_their_node() -> None:
     node = new_node_id("127.0.0.1:8001")
     assert "." not in node
     assert node != new_node_id("127.0.0.1:8001")  # a new incarnation each time
-    cid = client_id(node, 255)
-    assert cid == f"{node}.ff"
+    cid = client_id(node)
+    prefix, _, secret = cid.rpartition(".")
+    assert prefix == node and len(secret) == 16 and int(secret, 16) >= 0  # 64 bits
     assert node_of_client(cid) == node
+    ids = {client_id(node) for _ in range(10_000)}
+    assert len(ids) == 10_000  # random, not a counter: no two alike...
+    assert len({i[-16:-12] for i in ids}) > 1000  # ...and not sequential
     assert node_of_client("garbage") is None
 
 
 def test_channels_are_namespaced_and_distinct() -> None:
     a, b = Names("one"), Names("two")
     node = new_node_id("n")
-    cid = client_id(node, 1)
+    cid = client_id(node)
     assert channel_for(a, parse_address("uid:x")) != channel_for(b, parse_address("uid:x"))
     assert channel_for(a, parse_address(f"client:{cid}")) == a.node_channel(node)
     assert channel_for(a, parse_address("all")) == a.all_channel()
