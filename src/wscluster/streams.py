@@ -236,6 +236,12 @@ class Streams:
             st = self.state.get(stream)
             if st is None or st.held is not None or st.epoch != was_epoch:
                 continue  # changed while the store was read: the answer may predate it
+            if not epoch and st.epoch:
+                # The store has nothing for the stream (it restarted empty, or the stream
+                # expired): no position to repair towards. The next append starts a new
+                # epoch, and its first message tells the receivers (_accept), so a gap
+                # names the epoch they continue in, never "".
+                continue
             changed = epoch != st.epoch
             if changed:
                 self._adopt(st, epoch)
