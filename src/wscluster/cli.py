@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "max-session-size", d.max_session_size, int, help="bytes of session per connection")
     _add(s, "rate-limit", d.rate_limit, float, help="client frames per second (0: no limit)")
     _add(s, "rate-burst", d.rate_burst, int, help="client frames allowed in a burst")
+    _add(s, "send-rate-bytes", d.send_rate_bytes, int,
+         help="bytes per second of messages one client may send; over it the node reads it "
+         "more slowly (0: no limit)")
+    _add(s, "send-burst-bytes", d.send_burst_bytes, int, help="bytes a client may send in a burst")
     _add(s, "ping-rate", d.ping_rate, float,
          help="pings per second a client may send, WebSocket or app-level (0: no limit)")
     _add(s, "ping-burst", d.ping_burst, int, help="pings allowed in a burst")

@@ -32,7 +32,9 @@ class NodeConfig:
     max_frame_size: int = 256 * 1024  # single frames over it close 1009 (picows' read buffer
     # grows to the largest frame read and never shrinks: this bounds what a client can pin)
     fragment_timeout: float = 10.0  # seconds to finish a fragmented message (0: no limit)
-    max_outbox: int = 1024 * 1024  # bytes queued to one client before it is closed 1013
+    # bytes queued to one client before it is closed 1013: room for the bursts of five
+    # senders within --send-burst-bytes while the client reads at a fair speed
+    max_outbox: int = 8 * 1024 * 1024
     max_groups_per_connection: int = 1000
     max_connections_per_uid: int = 100  # cluster-wide; 0: no limit
     max_session_size: int = 16 * 1024  # bytes of session data per connection
@@ -40,6 +42,8 @@ class NodeConfig:
     rate_burst: int = 200  # ...after a burst of this many
     max_inflight: int = 256  # requests awaiting I/O per connection before reading pauses
     max_publish_queue: int = 32 * 1024 * 1024  # bytes; above it sends get rate_limited
+    send_rate_bytes: int = 512 * 1024  # bytes/s a connection may send in messages (0: off)...
+    send_burst_bytes: int = 1024 * 1024  # ...after a burst of this many
     ping_rate: float = 10.0  # pings (WebSocket and app-level) per second (0: no limit)...
     ping_burst: int = 50  # ...after a burst of this many
     abuse_burst: int = 1000  # errors a connection may cause in a burst...
@@ -93,6 +97,8 @@ class NodeConfig:
             raise ValueError("--rate-limit must be >= 0 and --rate-burst >= 1")
         if self.ping_rate < 0 or self.ping_burst < 1:
             raise ValueError("--ping-rate must be >= 0 and --ping-burst >= 1")
+        if self.send_rate_bytes < 0 or self.send_burst_bytes < 1:
+            raise ValueError("--send-rate-bytes must be >= 0 and --send-burst-bytes >= 1")
         if self.fragment_timeout < 0:
             raise ValueError("--fragment-timeout must be >= 0 (0: no limit)")
         scheme = self.presence_url.partition("://")[0].lower()

@@ -112,6 +112,7 @@ class Handlers:
             raise ProtocolError(Code.RATE_LIMITED, "node overloaded, slow down")
         frame = envelope.message_frame(to, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
         fut = node.cluster.publish_nowait(address, envelope.deliver(to, frame))
+        conn.charge_bytes(len(frame))
         conn.sending()
         frame_id = cmd.id
 

@@ -25,8 +25,8 @@ _INFLIGHT, _DEBT, _FROZEN = 1, 2, 4
 class ReadLimits(WSListener):
     """The base of Connection: its read-side state and the methods that keep it."""
 
-    __slots__ = ("_paused", "_pings", "_pings_over", "_rate", "_wake", "closing", "inflight",
-                 "transport")  # fmt: skip
+    __slots__ = ("_paused", "_pings", "_pings_over", "_rate", "_sent_bytes", "_wake", "closing",
+                 "inflight", "transport")  # fmt: skip
 
     def __init__(self, cfg: NodeConfig) -> None:
         super().__init__()
@@ -37,6 +37,7 @@ class ReadLimits(WSListener):
         now = time.monotonic()
         self._rate = Bucket(cfg.rate_limit, cfg.rate_burst, now) if cfg.rate_limit > 0 else None
         self._pings: Bucket | None = None  # made at the first ping (most clients send none)
+        self._sent_bytes: Bucket | None = None  # --send-rate-bytes, made at the first send
         self._pings_over = 0.0  # since when pings come faster than allowed (0: they do not)
         self._wake: asyncio.TimerHandle | None = None  # reading resumes when debts are repaid
 
@@ -62,6 +63,21 @@ class ReadLimits(WSListener):
             return
         now = time.monotonic()
         if not rate.charge(n, now):
+            self._owe(now)
+
+    def charge_bytes(self, n: int) -> None:
+        """``n`` bytes a ``send`` frame puts on its receivers' links, against
+        ``--send-rate-bytes`` (after ``--send-burst-bytes``): the message goes out, and over
+        the budget reading pauses until it is repaid (no error: the sender just slows down),
+        so a few senders cannot fill a receiver that reads at a fair speed."""
+        cfg = self.config
+        if cfg.send_rate_bytes <= 0:
+            return
+        now = time.monotonic()
+        budget = self._sent_bytes
+        if budget is None:
+            budget = self._sent_bytes = Bucket(cfg.send_rate_bytes, cfg.send_burst_bytes, now)
+        if not budget.charge(n, now):
             self._owe(now)
 
     def count_ping(self) -> bool:
@@ -97,7 +113,8 @@ class ReadLimits(WSListener):
             self._wake = asyncio.get_running_loop().call_later(self._debt_time(now), self._repaid)
 
     def _debt_time(self, now: float) -> float:
-        wait = max(b.debt_time(now) for b in (self._rate, self._pings) if b is not None)
+        buckets = (self._rate, self._pings, self._sent_bytes)
+        wait = max(b.debt_time(now) for b in buckets if b is not None)
         if self._pings_over and self._pings is not None and self._pings.tokens < 0:
             wait = min(wait, max(0.0, self._pings_over + PINGS_OVER_CLOSE - now))
         return wait
