@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_flag("allow-missing-origin"),
                    help="with --allowed-origins: accept handshakes without Origin")  # fmt: skip
     _add(s, "app", None, help="module:attribute of a wscluster.App to run")
-    _add(s, "api-key", None)
+    _add(s, "api-key", None, help="key every /api/ and /metrics request must carry "
+         "(Authorization: Bearer KEY); required when --api-host is not a loopback address")
+    s.add_argument("--api-insecure", action="store_true", default=_flag("api-insecure"),
+                   help="serve the API on a non-loopback --api-host without --api-key")  # fmt: skip
     _add(s, "max-connections", d.max_connections, int)
     _add(s, "max-message-size", d.max_message_size, int)
     _add(s, "max-frame-size", d.max_frame_size, int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import socket
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class NodeConfig:
     allow_missing_origin: bool = False  # with --allowed-origins: accept a missing Origin
     app: str | None = None  # module:attribute of a wscluster.App
     api_key: str | None = None
+    api_insecure: bool = False  # serve the API beyond loopback without a key (on purpose)
     max_connections: int = 10_000
     max_message_size: int = 64 * 1024
     max_frame_size: int = 256 * 1024  # single frames over it close 1009 (picows' read buffer
@@ -91,6 +93,12 @@ class NodeConfig:
             )
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ValueError("--jwt-secret must be at least 32 bytes (as long as the HS256 hash)")
+        if self.api_key is None and not self.api_insecure and not _loopback(self.api_host):
+            raise ValueError(
+                f"refusing to start: --api-host {self.api_host} is reachable from other "
+                "machines and --api-key is not set, so anyone could send, close and bind "
+                "through the API: pass --api-key KEY (or --api-insecure if that is intended)"
+            )
         if self.allowed_origins is not None and not self.origins:
             raise ValueError("--allowed-origins needs at least one origin")
         if self.rate_limit < 0 or self.rate_burst < 1:
@@ -136,3 +144,14 @@ class NodeConfig:
                      "request_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (a name other than localhost
+    counts as reachable: it may resolve to anything)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -39,7 +39,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     node = request.app[NODE]
     key = node.config.api_key
-    if key is not None and request.path.startswith("/api/"):
+    if key is not None and (request.path.startswith("/api/") or request.path == "/metrics"):
         if not _key_matches(request.headers.get("Authorization", ""), key):
             return _error(401, Code.FORBIDDEN, "missing or wrong API key")
     try:
