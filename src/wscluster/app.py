@@ -74,6 +74,7 @@ class Request:
     claims: dict[str, Any] | None = None  # verified JWT claims, None without JWT
     uid: str | None = None  # the token's `sub`; bound when the connection opens
     state: dict[str, Any] = field(default_factory=dict)
+    forwarded: str | None = None  # the whole X-Forwarded-For header, as the proxy sent it
 
 
 @dataclass(frozen=True, slots=True)

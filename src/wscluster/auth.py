@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class JwtVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
+        max_lifetime: float = 0.0,
     ) -> None:
         if (secret is None) == (public_key is None):
             raise ValueError("give exactly one of a JWT secret or a JWT public key")
@@ -104,6 +106,9 @@ class JwtVerifier:
         self.audience = audience
         self.issuer = issuer
         self.leeway = float(leeway)
+        # seconds from now to `exp` a token may have (0: no cap): a token that never expires
+        # (exp 1e308) is a credential that can never be taken back
+        self.max_lifetime = float(max_lifetime)
 
     @classmethod
     def from_file(
@@ -113,6 +118,7 @@ class JwtVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
+        max_lifetime: float = 0.0,
     ) -> JwtVerifier:
         """A verifier for the PEM public key stored in ``path``."""
         try:
@@ -121,7 +127,8 @@ class JwtVerifier:
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read JWT public key file {os.fspath(path)!r}: {exc}") from exc
         try:
-            return cls(public_key=pem, audience=audience, issuer=issuer, leeway=leeway)
+            return cls(public_key=pem, audience=audience, issuer=issuer, leeway=leeway,
+                       max_lifetime=max_lifetime)  # fmt: skip
         except ValueError as exc:
             raise ValueError(f"JWT public key file {os.fspath(path)!r}: {exc}") from exc
 
@@ -158,7 +165,10 @@ class JwtVerifier:
             uid = check_name(raw["sub"], "sub")
         except ProtocolError:
             raise AuthError("invalid claim: sub") from None
-        return Claims(uid=uid, exp=_numeric_date(raw["exp"]), raw=raw)
+        exp = _numeric_date(raw["exp"])
+        if self.max_lifetime > 0 and exp - time.time() > self.max_lifetime + self.leeway:
+            raise AuthError("token lifetime too long")
+        return Claims(uid=uid, exp=exp, raw=raw)
 
 
 def _numeric_date(value: object) -> float:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "jwt-audience", None, help="required `aud` of tokens")
     _add(s, "jwt-issuer", None, help="required `iss` of tokens")
     _add(s, "jwt-leeway", d.jwt_leeway, float, help="seconds of clock skew allowed on exp/nbf")
+    _add(s, "jwt-max-lifetime", d.jwt_max_lifetime, float,
+         help="seconds from now to a token's exp, at most: longer ones are refused (0: no cap)")
     _add(s, "allowed-origins", None, help="comma-separated origins allowed to connect")
     s.add_argument("--allow-missing-origin", action="store_true",
                    default=_flag("allow-missing-origin"),
@@ -76,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "fragment-timeout", d.fragment_timeout, float,
          help="seconds a client has to finish a fragmented message, else close 1008 (0: none)")
     _add(s, "max-outbox", d.max_outbox, int, help="bytes queued per client before 1013")
+    _add(s, "max-connections-per-ip", d.max_connections_per_ip, int,
+         help="connections open at once from one client address (0: no limit)")
+    _add(s, "handshake-rate-per-ip", d.handshake_rate_per_ip, float,
+         help="handshakes per second from one client address (0: no limit)")
+    _add(s, "trusted-proxies", None, help="comma-separated addresses or CIDRs of proxies whose "
+         "X-Forwarded-For names the client (for the per-address limits)")
     _add(s, "max-connections-per-uid", d.max_connections_per_uid, int, help="0: no limit")
     _add(s, "max-session-size", d.max_session_size, int, help="bytes of session per connection")
     _add(s, "rate-limit", d.rate_limit, float, help="client frames per second (0: no limit)")

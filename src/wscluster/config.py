@@ -24,6 +24,7 @@ class NodeConfig:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway: float = 0.0  # seconds of clock skew tolerated on exp/nbf
+    jwt_max_lifetime: float = 86400.0  # seconds from now to a token's exp, at most (0: any)
     allowed_origins: str | None = None  # comma-separated exact origins; None: no check
     allow_missing_origin: bool = False  # with --allowed-origins: accept a missing Origin
     app: str | None = None  # module:attribute of a wscluster.App
@@ -38,6 +39,9 @@ class NodeConfig:
     # senders within --send-burst-bytes while the client reads at a fair speed
     max_outbox: int = 8 * 1024 * 1024
     max_groups_per_connection: int = 1000
+    max_connections_per_ip: int = 0  # open at once from one client address (0: no limit)
+    handshake_rate_per_ip: float = 0.0  # handshakes per second from one address (0: none)
+    trusted_proxies: str | None = None  # comma-separated CIDRs whose X-Forwarded-For counts
     max_connections_per_uid: int = 100  # cluster-wide; 0: no limit
     max_session_size: int = 16 * 1024  # bytes of session data per connection
     rate_limit: float = 100.0  # client frames per second per connection (0: no limit)...
@@ -99,6 +103,14 @@ class NodeConfig:
                 "machines and --api-key is not set, so anyone could send, close and bind "
                 "through the API: pass --api-key KEY (or --api-insecure if that is intended)"
             )
+        if not 0 <= self.jwt_max_lifetime < float("inf"):
+            raise ValueError("--jwt-max-lifetime must be a number of seconds >= 0 (0: no cap)")
+        if self.max_connections_per_ip < 0 or self.handshake_rate_per_ip < 0:
+            raise ValueError("--max-connections-per-ip and --handshake-rate-per-ip must be "
+                             ">= 0 (0: no limit)")  # fmt: skip
+        from .peers import parse_networks
+
+        parse_networks(self.trusted_proxies)  # raises ValueError naming the bad entry
         if self.allowed_origins is not None and not self.origins:
             raise ValueError("--allowed-origins needs at least one origin")
         if self.rate_limit < 0 or self.rate_burst < 1:

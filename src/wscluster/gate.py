@@ -30,7 +30,7 @@ class Refusal:
 def make_verifier(config: NodeConfig) -> JwtVerifier | None:
     """The JWT verifier the options ask for (ValueError with a clear message if bad)."""
     kw = {"audience": config.jwt_audience, "issuer": config.jwt_issuer,
-          "leeway": config.jwt_leeway}  # fmt: skip
+          "leeway": config.jwt_leeway, "max_lifetime": config.jwt_max_lifetime}  # fmt: skip
     if config.jwt_secret:
         return JwtVerifier(secret=config.jwt_secret, **kw)  # type: ignore[arg-type]
     if config.jwt_public_key:
@@ -115,3 +115,4 @@ class Gate:
             if isinstance(verdict, Reject):
                 return Refusal(verdict.status, verdict.reason)
         return request
+        request.forwarded = forwarded  # the per-address limits read it (peers.py)

@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .naming import Names, client_id, new_node_id, node_of_client
 from .ops import Ops
 from .outbox import OutboxRules
+from .peers import REFUSED, PeerLimits
 from .presence import create_presence
 from .presence.base import ConnInfo
 from .registry import Registry
@@ -81,6 +82,9 @@ class Node:
                          keep_request=self.app is not None)  # fmt: skip
         self.ops = Ops(self)
         self.admission = Admission(self)
+        c = config
+        self.peers = PeerLimits(c.max_connections_per_ip, c.handshake_rate_per_ip,
+                                c.trusted_proxies)  # fmt: skip
         self.handlers = Handlers(self)
         self.draining = False
         self.started_at = time.time()
@@ -182,6 +186,14 @@ class Node:
         return None
 
     def on_open(self, conn: Connection) -> None:
+        if self.peers.enabled:  # after the upgrade: the handshake hook sees no peer address
+            assert conn.transport is not None
+            peer = conn.transport.underlying_transport.get_extra_info("peername") or ("",)
+            now = time.monotonic()
+            conn.peer = self.peers.admit_peer(str(peer[0]), conn.request.forwarded, now)
+            if conn.peer is None:
+                conn.close(1013, REFUSED)
+                return
         conn.cid = client_id(self.node_id)
         conn.raw = self.app is not None and self.app.raw
         self.registry.add(conn.cid, conn)
@@ -214,6 +226,8 @@ class Node:
         return True
 
     def on_closed(self, conn: Connection) -> None:
+        if conn.peer is not None:
+            self.peers.release(conn.peer)
         entry, interest = self.registry.remove(conn.cid)
         if entry is None:
             return

@@ -1,4 +1,4 @@
-"""The client-frame checks of gateway/inbound.py and the buckets of gateway/buckets.py:
+"""The client-frame checks of gateway/inbound.py and the buckets of buckets.py:
 pure unit tests (the same rules are checked on real nodes in tests/cluster/test_rfc6455.py,
 test_fragments.py and test_flood.py)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from wscluster.gateway.buckets import Bucket
+from wscluster.buckets import Bucket
 from wscluster.gateway.inbound import (
     TOO_LARGE,
     Assembler,

@@ -1,6 +1,6 @@
 """One client connection: the picows listener. I/O edge only; protocol decisions are the
 node's (see handlers.py). What a client may send is checked in inbound.py, frames are
-written by outbound.py, and the limits on reading are token buckets (buckets.py)."""
+written by outbound.py, and the limits on reading are token buckets (../buckets.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from .. import frames
+from ..buckets import Bucket
 from ..errors import Code
 from . import outbound
-from .buckets import Bucket
 from .inbound import TOO_LARGE, Assembler, Violation, check_utf8, close_code_valid
 from .limits import ABUSE_CLOSE, ReadLimits
 from .outbound import Backlog
@@ -60,7 +60,7 @@ class Connection(ReadLimits):
     __slots__ = (
         "_abuse", "_asm", "_backlog", "_drain_waiters", "_frag_timer", "_out", "_out_keep",
         "admitting", "app", "app_gate", "app_tail", "cid", "close_code", "congested", "expiry",
-        "holding", "host", "policy", "raw", "request", "server_closed",
+        "holding", "host", "peer", "policy", "raw", "request", "server_closed",
     )  # fmt: skip
 
     def __init__(self, host: ConnectionHost, request: Request) -> None:
@@ -75,6 +75,7 @@ class Connection(ReadLimits):
         self.admitting = False  # its uid is being bound and checked: no welcome yet
         self.holding = False  # core frames queue behind the app's on_connect
         self.server_closed = False  # the server started the close (refused, kicked, expired)
+        self.peer: str | None = None  # the client address counted by --max-connections-per-ip
         self.app: Any = None  # the application's handle (wscluster.conn.Conn), if any
         self.app_tail: asyncio.Future[None] | None = None  # last queued app handler
         self.app_gate: asyncio.Future[bool] | None = None  # on_connect may run (welcomed)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from picows import WSListener, WSTransport
 
-from .buckets import Bucket
+from ..buckets import Bucket
 
 if TYPE_CHECKING:
     from ..config import NodeConfig

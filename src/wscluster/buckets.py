@@ -1,4 +1,5 @@
-"""Token buckets for one connection's limits. Sans-I/O: the caller passes the time.
+"""Token buckets for the limits of connections and client addresses. Sans-I/O: the caller
+passes the time.
 
 A bucket holds at most ``burst`` tokens and gains ``rate`` per second. ``take`` spends one
 only when there is one (the frame limit: over it, the frame is refused). ``charge`` always
@@ -37,6 +38,11 @@ class Bucket:
         enough = self.tokens >= n
         self.tokens -= n
         return enough
+
+    def full(self, now: float) -> bool:
+        """Whether it holds its whole burst (as if it had never been used)."""
+        self._refill(now)
+        return self.tokens >= self.burst
 
     def debt_time(self, now: float) -> float:
         """Seconds until a bucket in debt holds a whole token again, so that the next frame
