@@ -90,6 +90,7 @@ class Gate:
             request = Request(path, params, headers, peer)
         else:  # no application: keep nothing per connection that nobody reads
             request = Request(path, _NOTHING, _NOTHING, peer)
+        request.forwarded = forwarded  # the per-address limits read it (peers.py)
         if self.verifier is not None:
             try:
                 token = token_from(query, headers)
@@ -115,4 +116,3 @@ class Gate:
             if isinstance(verdict, Reject):
                 return Refusal(verdict.status, verdict.reason)
         return request
-        request.forwarded = forwarded  # the per-address limits read it (peers.py)
