@@ -188,6 +188,9 @@ class WsCluster(System):
                 "--broker", self.redis.url, "--namespace", self.namespace,
                 "--node-name", f"bench{i}", "--max-connections", str(self.max_connections),
                 "--max-connections-per-uid", "0", "--rate-limit", "0",
+                # the load generator's connections send far more than a user: no per-client
+                # budgets (the peers have none either)
+                "--send-rate-bytes", "0", "--ping-rate", "0",
                 "--log-level", "warning", *self.node_args]  # fmt: skip
 
 

@@ -65,6 +65,8 @@ export class WsclusterConnection extends Emitter {
 
   // -- what the session adds (wscluster.js) ---------------------------------------------
 
+  /** The subprotocols a new link offers (undefined: none). */
+  _protocols() { return undefined; }
   /** A welcome came on a link (link, welcome): note what to restore, before the `welcome` event. */
   _prepare() {}
   /** Restore the session on a link (link); a throw starts over on a new link or ends the client. */
@@ -104,7 +106,8 @@ export class WsclusterConnection extends Emitter {
     this._link = link;
     link.timer = setTimeout(() => this._abandon(link, "no welcome in time"), Math.min(this.requestTimeout, 10000));
     try {
-      link.ws = new this.WebSocket(this.url);
+      const protocols = this._protocols();
+      link.ws = protocols ? new this.WebSocket(this.url, protocols) : new this.WebSocket(this.url);
     } catch (err) { // e.g. a malformed URL: count it as an attempt without welcome
       setTimeout(() => this._dropped(link, 1006, String(err?.message ?? err)), 0);
       return;

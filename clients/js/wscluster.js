@@ -10,10 +10,15 @@ export * from "./wscluster-backoff.js";
 export { MAX_WAITING } from "./wscluster-connection.js";
 export { MAX_HOLD, isPosition } from "./wscluster-streams.js";
 
+/** The subprotocol a node selects when a client offers it (with its token as "bearer.<token>"). */
+export const SUBPROTOCOL = "wscluster.v1";
+// what a subprotocol may be made of (RFC 6455 4.1: an HTTP token); a JWT always is
+const SUBPROTOCOL_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 /**
  * @typedef {import("./wscluster-connection.js").Frame} Frame
  * @typedef {[string|null, number]} Position
- * @typedef {{uid?: string, token?: string, WebSocket?: any, reconnect?: boolean,
+ * @typedef {{uid?: string, token?: string, handshakeToken?: boolean|string, WebSocket?: any, reconnect?: boolean,
  *   backoffBase?: number, backoffCap?: number, maxHandshakeRetries?: number,
  *   requestTimeout?: number, maxWaiting?: number, positions?: Object<string, Position>,
  *   maxHold?: number}} Options
@@ -26,6 +31,11 @@ export class WsclusterClient extends WsclusterConnection {
     super(urls, options);
     const o = options;
     if (o.uid != null && o.token != null) throw new TypeError("pass uid or token, not both");
+    if (o.handshakeToken != null && !["boolean", "string"].includes(typeof o.handshakeToken)) {
+      throw new TypeError("handshakeToken is a boolean or a token");
+    }
+    /** true: a token login's token goes in the handshake too; false: never; a string: this token (no login) */
+    this.handshakeToken = o.handshakeToken ?? true;
     /** @type {string|null} */ this.uid = null;
     /** @type {Frame|null} the login frame replayed after each welcome */
     this._login = o.uid != null ? { type: "login", uid: o.uid } : o.token != null ? { type: "login", token: o.token } : null;
@@ -41,6 +51,20 @@ export class WsclusterClient extends WsclusterConnection {
   positions() { return this._streams.all(); }
 
   // -- the session, restored on every new link --------------------------------------------
+
+  /**
+   * The token of a token login (else a handshakeToken string) goes in the handshake too, as
+   * the subprotocol bearer.<token> beside SUBPROTOCOL, which the node selects: a browser
+   * cannot set headers, a URL (?token=) ends up in access logs, and a JWT node refuses a
+   * handshake without a token.
+   */
+  _protocols() {
+    const given = this.handshakeToken;
+    if (given === false) return undefined;
+    const token = this._login?.token ?? (typeof given === "string" ? given : undefined);
+    if (typeof token !== "string" || !SUBPROTOCOL_CHARS.test(token)) return undefined;
+    return [SUBPROTOCOL, `bearer.${token}`];
+  }
 
   _prepare(link, welcome) {
     // a token login is not replayed when the handshake already authenticated (welcome.uid)
@@ -106,7 +130,20 @@ export class WsclusterClient extends WsclusterConnection {
   _pushed(frame) {
     if (frame.type === "message") this._streams.message(frame);
     else if (frame.type === "gap") this._streams.gap(frame);
+    else if (frame.type === "left") this._left(frame);
     else super._pushed(frame);
+  }
+
+  /** The server made us leave a group (a new token does not allow it): forget it, say so. */
+  _left(frame) {
+    if (typeof frame.group === "string") {
+      const key = `group:${frame.group}`;
+      this._groups.delete(frame.group);
+      this._streams.forget(key);
+      const op = this._ops.get(key);
+      if (op) op.applied = this._opSeq; // a request about it still in flight no longer applies
+    }
+    this._emit("left", frame);
   }
 
   _gone(link) { this._streams.release(link.held?.splice(0) ?? []); } // what was received goes out, in order

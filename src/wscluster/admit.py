@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import frames
 from .auth import AuthError, Claims
 from .errors import Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
-from .policy import Policy
+from .policy import Action, Policy
+from .routing import check_name
 
 if TYPE_CHECKING:
     from .node import Node
@@ -41,6 +43,7 @@ class Admission:
             self._welcome(conn, None)
             return
         try:
+            check_name(uid, "uid")  # the application's on_handshake may set any uid
             self.check_room(uid)
             barrier = node.ops.bind(conn, uid)
         except ProtocolError as exc:
@@ -101,6 +104,21 @@ class Admission:
         except AuthError as exc:
             raise ProtocolError(Code.FORBIDDEN, exc.reason) from None
 
+    def adopt(self, conn: Connection, claims: dict[str, Any]) -> Coroutine[Any, Any, None]:
+        """A token taken by a ``login``: apply its claims (``apply_claims``), then leave the
+        joined groups the connection may no longer join — by the same check as ``join``: the
+        new claims, and the application's ``authorize`` hook — each as ``leave`` does, with a
+        ``left`` frame to the client (``Ops.revoke``). Await the result before the ack."""
+        self.apply_claims(conn, claims)
+        return self.node.ops.revoke(conn, lambda group: self._may_join(conn, group))
+
+    def _may_join(self, conn: Connection, group: str) -> bool:
+        try:
+            self.node.handlers.allow(conn, Action.JOIN, f"group:{group}")
+        except ProtocolError:
+            return False
+        return True
+
     def apply_claims(self, conn: Connection, claims: dict[str, Any]) -> None:
         """Adopt a verified token: its policy, and a close (1008) when it expires. The
         handshake accepted ``exp`` within ``--jwt-leeway``: the close honours it too. Not for
@@ -152,7 +170,7 @@ class Admission:
             try:
                 await undo
             except ProtocolError:
-                log.warning("could not undo the bind of %s to %s", conn.cid, uid)
+                log.warning("could not undo the bind of %s to %r", conn.cid, uid)
 
 
 def _number(x: float) -> float | int:

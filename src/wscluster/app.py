@@ -11,8 +11,8 @@
     @app.on_message              # client frames whose `type` is not a core type
     async def message(conn, frame): return {"echo": frame}   # -> the ack's `result`
 
-    @app.on_close                # exactly once per connection, also for a dead node's
-    async def close(closed): ...  # connections (then fired by one survivor)
+    @app.on_close                # once per connection, also for a dead node's connections
+    async def close(closed): ...  # (then fired by a survivor: at least once, see guarantees)
 
     @app.authorize               # sync; True allow, False refuse, None keep the default
     def authorize(conn, action, target): ...

@@ -24,7 +24,7 @@ from .history import Rules
 from .naming import Names, node_of_client
 from .presence import create_presence
 from .presence.base import NodeInfo, Presence
-from .routing import Address, Kind, channel_for, check_name, parse_address
+from .routing import Address, Kind, channel_for, check_name, is_utf8, parse_address
 
 T = TypeVar("T")
 KICK = 4001
@@ -109,7 +109,7 @@ class Cluster:
         ``from: null``. Raises ProtocolError (bad_request, too_large) or BrokerUnavailable."""
         try:
             raw = msgspec.json.encode(data)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # incl. not UTF-8
             raise bad_request(f"data is not JSON-serializable: {exc}") from None
         await self.send_json(to, raw, exclude=exclude)
 
@@ -245,14 +245,15 @@ class Cluster:
 
 
 def _client_id(value: object) -> str:
-    if not isinstance(value, str) or node_of_client(value) is None or len(value) > 200:
+    if not (isinstance(value, str) and node_of_client(value) and len(value) <= 200
+            and is_utf8(value)):  # fmt: skip
         raise bad_request("not a client id")
     return value
 
 
 def _ids(exclude: Iterable[str]) -> tuple[str, ...]:
     ids = tuple(exclude)
-    if not all(isinstance(i, str) for i in ids):
+    if not all(isinstance(i, str) and is_utf8(i) for i in ids):
         raise bad_request("exclude must be a list of client ids")
     return ids
 

@@ -21,6 +21,7 @@ from . import envelope
 from .broker.base import Broker
 from .errors import BrokerUnavailable, Code, ProtocolError
 from .naming import Names, node_of_client
+from .routing import check_name
 
 if TYPE_CHECKING:
     from .node import Node
@@ -101,15 +102,15 @@ async def apply(node: Node, cid: str, action: str, arg: str) -> str:
     if entry is None or entry.conn.closing:
         return "gone"
     conn = entry.conn
-    try:
+    try:  # the name is checked again: the asker may be another program
         if action == "bind":
-            await node.ops.bind(conn, arg)
+            await node.ops.bind(conn, check_name(arg, "uid"))
         elif action == "unbind":
             await node.ops.unbind(conn)
         elif action == "join":
-            await node.ops.join(conn, arg)
+            await node.ops.join(conn, check_name(arg, "group"))
         elif action == "leave":
-            await node.ops.leave(conn, arg)
+            await node.ops.leave(conn, check_name(arg, "group"))
         else:
             return Code.BAD_REQUEST.value
     except ProtocolError as exc:

@@ -1,7 +1,8 @@
 """The handshake checks of a node, in order (after the public server's own 503 when the node
 is full or draining): Origin (403), JWT (401), the uid's connections on this node (429),
 then the application's ``on_handshake``. Synchronous: picows decides the upgrade in a plain
-callback."""
+callback. The JWT comes as ``?token=``, ``Authorization: Bearer`` or the subprotocol
+``bearer.<JWT>`` (how browsers send it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
+
+from multidict import CIMultiDict
 
 from .app import Reject, Request
 from .auth import AuthError, JwtVerifier, OriginPolicy, token_from
@@ -25,6 +28,61 @@ _NOTHING: dict[str, str] = {}
 class Refusal:
     status: int
     reason: str
+
+
+# A browser cannot set headers on a WebSocket, and a token in the URL ends up in access logs:
+# it offers the subprotocols [SUBPROTOCOL, BEARER + token] instead. The node selects
+# SUBPROTOCOL (a browser fails a connection whose server selects none of the offered ones)
+# and never echoes the token.
+SUBPROTOCOL = "wscluster.v1"
+BEARER = "bearer."
+_PROTOCOL_HEADER = "Sec-WebSocket-Protocol"
+
+
+def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
+    """The subprotocols a handshake offers, in order: every ``Sec-WebSocket-Protocol`` line
+    (``headers`` is picows's case-insensitive multidict, or any mapping), split at commas."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        values: list[str] = getall(_PROTOCOL_HEADER, [])
+    else:
+        values = [v for k, v in headers.items() if k.lower() == "sec-websocket-protocol"]
+    return [p for value in values for p in (part.strip() for part in value.split(",")) if p]
+
+
+def selected_subprotocol(headers: Mapping[str, str]) -> str | None:
+    """What the node answers in ``Sec-WebSocket-Protocol``: SUBPROTOCOL when it is offered,
+    else nothing (a client that offered only other ones, or none, gets none)."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(headers) else None
+
+
+def _token(query: str, headers: Mapping[str, str]) -> str | Refusal:
+    """The one token of a handshake: ``?token=``, ``Authorization: Bearer`` or a ``bearer.``
+    subprotocol. Two different ones are refused rather than one of them guessed at."""
+    try:
+        query_token = token_from(query, _NOTHING)
+    except ValueError:  # e.g. more fields than parse_qs takes: not a 500
+        return Refusal(401, "malformed query string")
+    found = {t for t in (query_token, token_from("", headers)) if t}
+    found.update(p[len(BEARER) :] for p in offered_subprotocols(headers) if p.startswith(BEARER))
+    found.discard("")
+    if len(found) > 1:
+        return Refusal(401, "conflicting tokens")
+    return found.pop() if found else Refusal(401, "missing token")
+
+
+def _without_bearer(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """The headers an application sees: the ``bearer.`` subprotocol taken out (as ``token``
+    is from the query), so that logging the headers does not log it."""
+    offered = offered_subprotocols(headers)
+    if not any(p.startswith(BEARER) for p in offered):
+        return headers
+    copy: CIMultiDict[str] = CIMultiDict(headers)
+    copy.popall(_PROTOCOL_HEADER, None)
+    rest = [p for p in offered if not p.startswith(BEARER)]
+    if rest:
+        copy[_PROTOCOL_HEADER] = ", ".join(rest)
+    return copy
 
 
 def make_verifier(config: NodeConfig) -> JwtVerifier | None:
@@ -65,12 +123,9 @@ class Gate:
         handshake as 1006). The Origin is not checked: a plain GET opens no socket, and a
         same-origin GET carries no Origin header; nothing but the token is looked at."""
         if self.verifier is not None:
-            try:
-                token = token_from(query, headers)
-            except ValueError:
-                return Refusal(401, "malformed query string")
-            if token is None:
-                return Refusal(401, "missing token")
+            token = _token(query, headers)
+            if isinstance(token, Refusal):
+                return token
             try:
                 self.verifier.verify(token)
             except AuthError as exc:
@@ -87,17 +142,14 @@ class Gate:
         if self.keep_request:
             params = dict(parse_qsl(query, keep_blank_values=True))
             params.pop("token", None)  # never handed to the app, which might log it
-            request = Request(path, params, headers, peer)
+            request = Request(path, params, _without_bearer(headers), peer)
         else:  # no application: keep nothing per connection that nobody reads
             request = Request(path, _NOTHING, _NOTHING, peer)
         request.forwarded = forwarded  # the per-address limits read it (peers.py)
         if self.verifier is not None:
-            try:
-                token = token_from(query, headers)
-            except ValueError:  # e.g. more fields than parse_qs takes: not a 500
-                return Refusal(401, "malformed query string")
-            if token is None:
-                return Refusal(401, "missing token")
+            token = _token(query, headers)
+            if isinstance(token, Refusal):
+                return token
             try:
                 claims = self.verifier.verify(token)
             except AuthError as exc:

@@ -153,8 +153,8 @@ class Handlers:
             await barrier
             if old != uid:
                 await node.admission.enforce_limit(conn, uid, old)
-            if claims is not None:
-                node.admission.apply_claims(conn, claims.raw)
+            if claims is not None:  # its claims, and the leave of groups they refuse
+                await node.admission.adopt(conn, claims.raw)
             return {"uid": uid, **await self.position(f"uid:{uid}")}
 
         self.reply(conn, cmd.id, run())
@@ -170,7 +170,11 @@ class Handlers:
 
         async def run() -> dict[str, Any]:
             await barrier
-            return await self.position(f"group:{group}")
+            result = await self.position(f"group:{group}")
+            entry = self.node.registry.get(conn.cid)
+            if entry is not None and group not in entry.groups:  # left since: if a login's
+                self.allow(conn, Action.JOIN, f"group:{group}", entry)  # claims refuse it now
+            return result
 
         self.reply(conn, cmd.id, run())
 

@@ -122,13 +122,17 @@ class AppRunner:
         return None if verdict is None else bool(verdict)
 
     # --- connections of a dead node (fired by the survivor that purged it) ----------------
-    def node_died(self, conns: list[ConnInfo]) -> None:
+    async def node_died(self, conns: list[ConnInfo]) -> None:
+        """Run on_close for connections of a dead node; returns once every call returned,
+        failed or timed out (the purge removes them from the store only then)."""
         hook = self.app.close_hook
         if hook is None:
             return
+        calls = []
         for c in conns:  # a dead node may have had thousands: a bounded number at a time
             info = Closed(c.client_id, c.uid, frozenset(c.groups), 1006, c.session, True)
-            self.node.spawn(self._bounded(functools.partial(hook, info)))
+            calls.append(self._bounded(functools.partial(hook, info)))
+        await asyncio.gather(*calls)
 
     async def _bounded(self, call: Callable[[], Any]) -> None:
         async with self._dead_slots:

@@ -83,6 +83,14 @@ class Names:
         """Hash client id -> uid ('' when none) of a group's members."""
         return f"{self.ns}:grp:{group}"
 
+    def purging_key(self) -> str:
+        """Set of dead node ids whose purge began and has not finished."""
+        return f"{self.ns}:purging"
+
+    def purge_lease_key(self, node_id: str) -> str:
+        """String with a TTL: the token of the survivor purging a dead node (its lease)."""
+        return f"{self.ns}:purge:{node_id}"
+
     # --- history (broker.redis_history) ------------------------------------------------
     def history_key(self, stream: str) -> str:
         """Stream of a history-enabled address: entry id ``<offset>-0``, field ``f`` = frame."""

@@ -7,11 +7,16 @@ front"); the text itself says it in comments too.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import re
 from dataclasses import dataclass
+
+from .nginx_parse import Upstream as Upstream  # the parsers are part of this module's API
+from .nginx_parse import parse_listen as parse_listen
+from .nginx_parse import parse_listens as parse_listens
+from .nginx_parse import parse_upstream as parse_upstream
+from .nginx_parse import parse_upstreams as parse_upstreams
 
 UPSTREAM = "wscluster"  # the upstream group's name (and the prefix of every name we define)
 CONNECTION_VAR = "$wscluster_connection_upgrade"  # prefixed: conf.d may define its own map
@@ -34,18 +39,17 @@ WORKER_SHUTDOWN_TIMEOUT = 10
 MAX_WORD = 2000
 ZONE_KB_PER_NODE = 4  # the upstream zone: about 1 KiB per server, a node is two (backup)
 NODES_VAR = "$wscluster_nodes"
+# The access log's format: "combined" but for the request line without its query string
+# (`?token=` may carry a JWT) and no Referer (a URL, which may carry one too).
+LOG_FORMAT = "wscluster_noquery"
+LOG_FORMAT_TEXT = (
+    "'$remote_addr - $remote_user [$time_local] '",
+    "'\"$request_method $uri $server_protocol\" $status $body_bytes_sent '",
+    "'\"-\" \"$http_user_agent\"'",
+)
+DISTRIBUTION_ACCESS_LOG = "/var/log/nginx/access.log"  # Debian's, Red Hat's, Alpine's
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")  # a host name
 _SERVER_NAME = re.compile(r"^[^\s;{}'\"\\$#]+$")
-
-
-@dataclass(frozen=True)
-class Upstream:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -79,68 +83,6 @@ class NginxOptions:
         """Seconds nginx waits on an idle proxied connection: well above the ping interval,
         so a quiet but healthy WebSocket is never cut by nginx."""
         return max(60, math.ceil(3 * self.ping_interval))
-
-
-def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{what}: port must be 1-65535, not {text!r}")
-    return int(text)
-
-
-def _host(host: str) -> str:
-    """A host name, an IPv4 address or a bracketed IPv6 address, as nginx writes it; ValueError
-    otherwise (an unbracketed IPv6 address cannot be told from its port)."""
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"bad IPv6 address {host!r}") from None
-        if address.scope_id:  # nginx has no `%zone` syntax
-            raise ValueError(f"bad IPv6 address {host!r}: nginx takes no %zone")
-        return f"[{address.compressed}]"
-    if ":" in host:
-        raise ValueError(f"bad host {host!r} (write an IPv6 address in brackets: [::1]:8001)")
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise ValueError(f"bad IPv4 address {host!r}") from None
-    if not _NAME.match(host):
-        raise ValueError(f"bad host {host!r}")
-    return host
-
-
-def parse_upstream(text: str) -> Upstream:
-    """``HOST:PORT`` (``[::1]:8001`` for IPv6) -> Upstream; ValueError when malformed."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"upstream {text!r}: expected HOST:PORT")
-    try:
-        host = _host(host)
-    except ValueError as exc:
-        raise ValueError(f"upstream {text!r}: {exc}") from None
-    return Upstream(host, _port(port, f"upstream {text!r}"))
-
-
-def parse_upstreams(text: str) -> list[Upstream]:
-    """Comma-separated ``HOST:PORT`` list (how WSCLUSTER_UPSTREAM carries several)."""
-    return [parse_upstream(part) for part in text.split(",")]
-
-
-def parse_listen(text: str) -> str:
-    """``PORT`` or ``ADDRESS:PORT`` -> the argument of nginx's ``listen``."""
-    text = text.strip()
-    if text.isdigit():
-        return str(_port(text, f"listen {text!r}"))
-    try:
-        return str(parse_upstream(text))
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("upstream", "listen", 1)) from None
-
-
-def parse_listens(text: str) -> list[str]:
-    """Comma-separated ``--listen`` values (how WSCLUSTER_LISTEN carries several)."""
-    return [parse_listen(part) for part in text.split(",")]
 
 
 def node_paths(n: int) -> list[str]:
@@ -220,6 +162,9 @@ def _header(o: NginxOptions) -> list[str]:
             f"#   worker_rlimit_nofile {WORKER_RLIMIT_NOFILE};"
             f"  worker_shutdown_timeout {WORKER_SHUTDOWN_TIMEOUT}s;    (top level)",
             f"#   events {{ worker_connections {WORKER_CONNECTIONS}; }}",
+            f"# Requests are logged to {DISTRIBUTION_ACCESS_LOG} (edit access_log in server {{}}",
+            "# if your distribution logs elsewhere) in a format without the query string, not",
+            "# in the host's (\"combined\" logs it, and a client may send ?token=<JWT>).",
         ]
     lines += [
         "#",
@@ -273,6 +218,7 @@ def _server(o: NginxOptions) -> list[str]:
         *(f"listen {parse_listen(listen)};" for listen in o.listen),
         f"server_name {o.server_name};",
         "server_tokens off;",
+        *([] if o.standalone else [f"access_log {DISTRIBUTION_ACCESS_LOG} {LOG_FORMAT};"]),
         "client_max_body_size 1k;  # the public port serves only GETs and the WebSocket",
         "proxy_max_temp_file_size 0;  # small pages: never spool a response to disk",
         "",
@@ -330,6 +276,15 @@ def _return_200(body: str) -> list[str]:
 
 def _http(o: NginxOptions) -> list[str]:
     lines = [
+        "# the access log without query strings (a client may send ?token=<JWT>) or Referer",
+        f"log_format {LOG_FORMAT} {LOG_FORMAT_TEXT[0]}",
+        *(f"{' ' * (len(LOG_FORMAT) + 12)}{part}" for part in LOG_FORMAT_TEXT[1:]),
+    ]
+    lines[-1] += ";"
+    if o.standalone:
+        lines.append(f"access_log access.log {LOG_FORMAT};")
+    lines += [
+        "",
         "# Connection: upgrade for WebSocket handshakes, close for plain requests",
         f"map $http_upgrade {CONNECTION_VAR} {{",
         "    default upgrade;",
@@ -385,7 +340,6 @@ def render(o: NginxOptions) -> str:
             "}",
             "",
             "http {",
-            "    access_log access.log;",
             "    default_type application/octet-stream;",
             "    client_body_temp_path client_body_temp;",
             "    proxy_temp_path proxy_temp;",

@@ -300,12 +300,16 @@ class Node:
         """The mirror may be wrong about this node: resync it at the next heartbeat."""
         self.heartbeat.dirty = True
 
-    def publish_presence(self, group: str, event: str, uid: str | None, cid: str) -> None:
-        """Announce a join/leave to the group's watchers (a joiner does not get its own)."""
+    def publish_presence(
+        self, group: str, event: str, uid: str | None, cid: str
+    ) -> asyncio.Future[None]:
+        """Announce a join/leave to the group's watchers (a joiner does not get its own);
+        the future says when the broker took it (failures need not be retrieved)."""
         exclude = (cid,) if event == "join" else ()
         payload = envelope.presence_event(group, event, uid, cid, exclude=exclude)
         fut = self.broker.publish_nowait(self.names.channel(f"group:{group}"), payload)
         fut.add_done_callback(_ignore_failure)
+        return fut
 
     def snapshot(self) -> list[ConnInfo]:
         return [ConnInfo(cid, e.uid, sorted(e.groups)) for cid, e in self.registry.items()]
@@ -360,7 +364,7 @@ class Node:
             address = parse_address(env.to)
         except (envelope.EnvelopeError, ValueError) as exc:
             self.metrics.bad_envelopes.inc()
-            log.warning("dropped an undecodable broker message on %s: %s", channel, exc)
+            log.warning("dropped an undecodable broker message on %r: %s", channel, exc)
             return
         if env.op == envelope.Op.DELIVER:
             kind = WSMsgType.BINARY if env.binary else WSMsgType.TEXT

@@ -5,8 +5,8 @@ Each operation changes the local registry synchronously (so requests apply in th
 they were made) and returns an awaitable barrier: it returns once the broker subscription
 and the presence write behind the change hold, or undoes the local change and raises
 ``ProtocolError`` (``unavailable``; ``internal`` for an unexpected failure). ``join`` may
-refuse at once (``forbidden``: too many groups); ``leave`` and ``unbind`` never fail (the
-local change is their barrier).
+refuse at once (``forbidden``: too many groups); ``leave``, ``revoke`` and ``unbind`` never
+fail (the local change is their barrier).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import frames
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .registry import Entry, Interest
@@ -89,6 +90,23 @@ class Ops:
         self.drop_group(conn, group)  # local first: the barrier holds from here
         return self._settle(node.presence.leave(node.node_id, conn.cid, group))
 
+    def revoke(self, conn: Connection, allowed: Callable[[str], bool]) -> Coroutine[Any, Any, None]:
+        """Leave every joined group ``allowed`` refuses (what a new token's claims no longer
+        grant), each as ``leave`` does, and tell the client with a ``left`` frame per group
+        (after the messages of the group already queued for it). Like ``leave``'s, the barrier
+        holds from the call: no later message of those groups reaches the connection; the
+        returned awaitable waits for the presence writes."""
+        entry = self.node.registry.get(conn.cid)
+        if entry is None or conn.closing:
+            return _done()
+        gone = sorted(g for g in entry.groups if not allowed(g))
+        writes = []
+        for group in gone:
+            writes.append(self.leave(conn, group))
+            if not conn.raw:  # a raw client gets no frames of ours
+                conn.reply(frames.encode({"type": "left", "group": group, "reason": "forbidden"}))
+        return _all(writes)
+
     def drop_group(self, conn: Connection, group: str) -> None:
         node = self.node
         entry = node.registry.get(conn.cid)
@@ -143,3 +161,7 @@ class Ops:
 async def _done() -> None:
     return None
 
+
+async def _all(waits: Sequence[Awaitable[None]]) -> None:
+    for wait in waits:
+        await wait

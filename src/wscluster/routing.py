@@ -28,12 +28,28 @@ class Address:
         return "all" if self.kind is Kind.ALL else f"{self.kind}:{self.name}"
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: it holds no lone surrogate (U+D800-U+DFFF),
+    which a JSON escape such as ``"\\ud800"`` or Python code can put into a ``str`` but no
+    broker or store takes (encoding it raises ``UnicodeEncodeError``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_name(name: object, what: str) -> str:
-    """A uid or group name: a string of 1-128 characters."""
+    """A uid or group name: a string of 1-128 characters of UTF-8 (any character, control
+    characters included, but no lone surrogate: see ``is_utf8``)."""
     if not isinstance(name, str):
         raise bad_request(f"{what} must be a string")
     if not 1 <= len(name) <= MAX_NAME:
         raise bad_request(f"{what} must be 1-{MAX_NAME} characters")
+    if not is_utf8(name):
+        raise bad_request(f"{what} must be valid UTF-8 (it holds a lone surrogate)")
     return name
 
 
@@ -51,7 +67,7 @@ def parse_address(to: object) -> Address:
     if prefix == "group":
         return Address(Kind.GROUP, check_name(name, "group name"))
     if prefix == "client":
-        if not 1 <= len(name) <= MAX_CLIENT_ID or node_of_client(name) is None:
+        if not (1 <= len(name) <= MAX_CLIENT_ID and node_of_client(name) and is_utf8(name)):
             raise bad_request("malformed client id")
         return Address(Kind.CLIENT, name)
     raise bad_request(f"unknown address prefix {prefix[:32]!r}")

@@ -1,17 +1,24 @@
 """Turns registry interest changes into broker (un)subscriptions, and lets an ack wait until the
-subscription it depends on is confirmed (the join/login barrier of PROTOCOL.md)."""
+subscription it depends on is confirmed (the join/login barrier of PROTOCOL.md).
+
+The (un)subscriptions of one loop turn, many connections' together, go to the broker in one
+call per run of the same kind. One bad channel fails only its own confirmation: one that is
+not UTF-8 is refused before it joins the call, one the broker refuses (``ChannelRefused``)
+fails alone, and a call that fails for a reason of its own (not ``BrokerUnavailable``, which
+is the link's and fails them all) is made again channel by channel."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
-from .broker.base import Broker
+from .broker.base import Broker, ChannelRefused
 from .errors import BrokerUnavailable
 from .naming import Names
 from .registry import Interest
+from .routing import is_utf8
 
 log = logging.getLogger("wscluster.node")
 
@@ -22,7 +29,7 @@ class Subscriptions:
         self._names = names
         self._timeout = timeout
         self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmation
-        self._unsubscribing: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # (un)subscribe calls under way
         self._ops: list[tuple[bool, str, asyncio.Future[None] | None]] = []  # this turn's
         self.on_unsubscribe: Callable[[str], None] | None = None  # address no longer heard
 
@@ -43,14 +50,20 @@ class Subscriptions:
             self._confirmed[channel] = fut
 
     def _queue(self, subscribe: bool, channel: str) -> asyncio.Future[None] | None:
-        """Queue one (un)subscription; a subscription's future is its confirmation."""
+        """Queue one (un)subscription; a subscription's future is its confirmation. A
+        channel that is not UTF-8 never joins the turn's call: refused here, alone (never
+        subscribed, so there is nothing to unsubscribe either)."""
         loop = asyncio.get_running_loop()
-        if not self._ops:
-            loop.call_soon(self._flush)
         fut: asyncio.Future[None] | None = None
         if subscribe:
             fut = loop.create_future()
             fut.add_done_callback(_consume)
+        if not is_utf8(channel):
+            if fut is not None:
+                fut.set_exception(ChannelRefused([channel], "not valid UTF-8"))
+            return fut
+        if not self._ops:
+            loop.call_soon(self._flush)
         self._ops.append((subscribe, channel, fut))
         return fut
 
@@ -62,18 +75,44 @@ class Subscriptions:
             while end < len(ops) and ops[end][0] == ops[start][0]:
                 end += 1
             run, start = ops[start:end], end
-            channels = [channel for _, channel, _ in run]
             if run[0][0]:
-                task = asyncio.ensure_future(self._broker.subscribe(channels))
-                task.add_done_callback(functools.partial(_settle, [f for _, _, f in run if f]))
+                self._spawn(self._subscribe([(ch, f) for _, ch, f in run if f]))
             else:
-                task = asyncio.ensure_future(self._unsubscribe(channels))
-                self._unsubscribing.add(task)
-                task.add_done_callback(self._unsubscribing.discard)
+                self._spawn(self._unsubscribe([ch for _, ch, _ in run]))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _subscribe(self, run: list[tuple[str, asyncio.Future[None]]]) -> None:
+        """One broker call for a run of subscriptions; settle each one's confirmation."""
+        try:
+            await self._broker.subscribe([ch for ch, _ in run])
+        except ChannelRefused as exc:  # those fail, the others are subscribed
+            refused = set(exc.channels)
+            for ch, fut in run:
+                _settle(fut, exc if ch in refused else None)
+        except BrokerUnavailable as exc:  # the link's: shared by all
+            for _, fut in run:
+                _settle(fut, exc)
+        except Exception as exc:  # not the link's: maybe one channel's, so each alone
+            if len(run) > 1:
+                await asyncio.gather(*(self._subscribe([item]) for item in run))
+                return
+            log.error("subscribe of %r failed: %r", run[0][0], exc)
+            _settle(run[0][1], BrokerUnavailable(f"subscribe failed: {exc!r}"))
+        else:
+            for _, fut in run:
+                _settle(fut, None)
+        finally:  # cancelled (the node stops): nobody is left waiting
+            for _, fut in run:
+                _settle(fut, BrokerUnavailable("subscribe cancelled"))
 
     def _start(self, channel: str) -> asyncio.Future[None]:
-        fut = asyncio.ensure_future(self._broker.subscribe([channel]))
+        fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_consume)
+        self._spawn(self._subscribe([(channel, fut)]))
         return fut
 
     async def _unsubscribe(self, channels: Sequence[str]) -> None:
@@ -81,6 +120,11 @@ class Subscriptions:
             await self._broker.unsubscribe(channels)
         except BrokerUnavailable:
             pass  # the broker forgets it at reconnect: it is no longer desired
+        except Exception as exc:  # not the link's: maybe one channel's, so each alone
+            if len(channels) > 1:
+                await asyncio.gather(*(self._unsubscribe([ch]) for ch in channels))
+            else:
+                log.error("unsubscribe of %r failed: %r", channels[0], exc)
 
     async def wait(self, address: str) -> None:
         """Wait until the subscription for ``address`` is confirmed; BrokerUnavailable if not."""
@@ -88,6 +132,9 @@ class Subscriptions:
         fut = self._confirmed.get(channel)
         if fut is None:
             return  # nobody here needs it any more (e.g. the connection left again)
+        refused = fut.exception() if fut.done() else None
+        if isinstance(refused, ChannelRefused):  # for good: not tried again
+            raise ChannelRefused([channel], refused.reason)
         if fut.done() and fut.exception() is not None:
             fut = self._confirmed[channel] = self._start(channel)
         try:
@@ -96,16 +143,14 @@ class Subscriptions:
             raise BrokerUnavailable("subscription not confirmed in time") from None
 
 
-def _settle(futs: list[asyncio.Future[None]], task: asyncio.Future[None]) -> None:
-    """A run's subscribe finished: each of its channels' confirmations with its outcome."""
-    exc = task.exception() if not task.cancelled() else BrokerUnavailable("subscribe cancelled")
-    for fut in futs:
-        if fut.done():
-            continue
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    """A subscription's confirmation, unless it has one already."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

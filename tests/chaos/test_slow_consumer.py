@@ -39,7 +39,8 @@ CLOSED_1013 = 'wscluster_server_closes_total{code="1013"}'
 
 @pytest.fixture
 def cluster3(valkey: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(valkey.url, 3, tmp_path, ["--node-heartbeat", "0.5"])
+    # the outbox this scenario was measured with (the default is 8 MiB since the send budget)
+    c = Cluster(valkey.url, 3, tmp_path, ["--node-heartbeat", "0.5", "--max-outbox", "1048576"])
     try:
         c.start()
         yield c

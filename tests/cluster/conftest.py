@@ -51,6 +51,8 @@ class NodeProc:
             sys.executable, "-m", "wscluster", "serve", *auth, "--host", "127.0.0.1",
             "--port", str(self.port), "--api-port", str(self.api_port),
             "--node-name", f"node{self.index}", "--rate-limit", "20000", "--rate-burst", "20000",
+            # likewise the byte budget: tests publish far more from one connection than a user
+            "--send-rate-bytes", "0",
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # handed to the child

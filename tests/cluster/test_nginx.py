@@ -80,7 +80,10 @@ def test_nginx_accepts_the_config(nginx_bin: str, tmp_path: Path, n: int) -> Non
     # the conf.d snippet, inside a minimal http {} as Debian's nginx.conf includes it
     snippet = tmp_path / "snippet"
     (snippet / "conf.d").mkdir(parents=True)
-    (snippet / "conf.d" / "wscluster.conf").write_text(generate(*ups, "--listen", "18081"))
+    text = generate(*ups, "--listen", "18081")  # its access log: in the prefix, not /var/log
+    (snippet / "conf.d" / "wscluster.conf").write_text(
+        text.replace(nginx.DISTRIBUTION_ACCESS_LOG, "access.log")
+    )
     (snippet / "nginx.conf").write_text(
         "pid nginx.pid;\nerror_log error.log;\nevents {}\n"
         "http {\n    access_log off;\n    client_body_temp_path body;\n"
@@ -642,7 +645,7 @@ def test_snippet_in_the_distribution_nginx_conf(nginx_bin: str, tmp_path: Path) 
     ups = ["--upstream", "127.0.0.1:8001", "--upstream", "127.0.0.1:8002"]
     snippet = generate(*ups, "--listen", "18082", "--listen", "[::]:18082")
     (etc / "conf.d").mkdir(exist_ok=True)
-    (etc / "conf.d" / "wscluster.conf").write_text(snippet)
+    (etc / "conf.d" / "wscluster.conf").write_text(snippet.replace("/var/log/nginx", str(tmp_path)))
 
     def check() -> None:
         done = subprocess.run(

@@ -21,6 +21,9 @@ from .wsclient import WS
 SENDERS = 5
 SIZE = 60_000  # bytes of data per message (the message frame is ~100 bytes more)
 RATE, BURST = 512 * 1024, 1024 * 1024  # the defaults
+# conftest turns the budget off for other tests: set the defaults again (the default
+# --max-outbox is the one the budget is sized for)
+BUDGET = ["--send-rate-bytes", str(RATE), "--send-burst-bytes", str(BURST)]
 
 
 class PacedReceiver(SlowReceiver):
@@ -51,7 +54,7 @@ async def flood(ws: WS, to: str, until: float, stop: asyncio.Event) -> int:
 async def test_senders_within_their_budget_cannot_close_a_reader(
     valkey: EmbeddedRedis, make_cluster: Any, unique: str
 ) -> None:
-    c: Cluster = make_cluster(valkey.url, 1)  # default limits (rate limit raised by conftest)
+    c: Cluster = make_cluster(valkey.url, 1, BUDGET)
     node = c.nodes[0]
     victim = await PacedReceiver.open(node.port, 65536, 1 << 20)
     await victim.login(f"v{unique}")
@@ -93,7 +96,7 @@ async def test_senders_within_their_budget_cannot_close_a_reader(
 async def test_a_victim_that_stops_reading_is_still_closed(
     valkey: EmbeddedRedis, make_cluster: Any, unique: str
 ) -> None:
-    c: Cluster = make_cluster(valkey.url, 1)
+    c: Cluster = make_cluster(valkey.url, 1, BUDGET)
     node = c.nodes[0]
     victim = await SlowReceiver.open(node.port, 4096, 1 << 20)
     await victim.login(f"v{unique}")

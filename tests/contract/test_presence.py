@@ -22,6 +22,7 @@ from wscluster.embedded import EmbeddedRedis, free_port
 from wscluster.errors import Code, PresenceUnavailable, ProtocolError
 from wscluster.naming import Names, new_node_id
 from wscluster.presence import ConnInfo, DeadNode, GroupInfo, Presence, create_presence
+from wscluster.presence.base import PURGE_BATCH
 from wscluster.presence.memory import MemoryPresence
 from wscluster.presence.redis import RedisPresence
 
@@ -251,6 +252,111 @@ async def test_a_node_back_before_the_purge_is_kept(store: Store) -> None:
     assert await b.purge_dead() == []
     assert await b.client_ids("alice") == [_cid(node, 1)]
     assert (await b.group_members("room")).count == 1
+
+
+LEASE = 0.4  # a purge claim's lease in the tests below
+
+
+async def dead_node_with(store: Store, n: int) -> tuple[Presence, str, list[ConnInfo]]:
+    """A node with ``n`` connections (uids u0-u6, groups g0-g2) that died: its writer, its
+    id and its connections in the order a purge hands them out (sorted by client id)."""
+    writer = await store.make()
+    dead = await live_node(writer, "dead", SHORT_TTL)
+    conns = [ConnInfo(_cid(dead, i), f"u{i % 7}", [f"g{i % 3}"]) for i in range(n)]
+    await asyncio.gather(*(writer.add(dead, c) for c in conns))
+    await asyncio.sleep(EXPIRED)
+    return writer, dead, sorted(conns, key=lambda c: c.client_id)
+
+
+async def assert_purged(store: Store, writer: Presence, dead: str) -> None:
+    """Nothing of ``dead`` is left: brought back to life without a resync, it has nothing."""
+    if store.kind == "redis":
+        assert not [k for k in await store.keys() if dead in k or k.endswith(":purging")]
+    assert await writer.heartbeat(dead, TTL, {}) is False  # forgotten
+    assert [(await writer.group_members(f"g{i}")).count for i in range(3)] == [0, 0, 0]
+    assert [await writer.client_ids(f"u{i}") for i in range(7)] == [[]] * 7
+
+
+async def test_purge_hands_out_batches_before_removing_them(store: Store) -> None:
+    writer, dead, conns = await dead_node_with(store, 2 * PURGE_BATCH + 50)
+    batches: list[list[ConnInfo]] = []
+
+    async def on_batch(node_id: str, batch: list[ConnInfo]) -> None:
+        assert node_id == dead
+        batches.append(batch)
+        # still in the store while it is handed out (a session write finds the record)
+        for c in (batch[0], batch[-1]):
+            assert await writer.set_session(dead, c.client_id, {}, replace=False, limit=9)
+
+    survivor = await store.make()
+    assert await survivor.purge_dead(on_batch) == [DeadNode(dead, conns)]
+    assert [len(b) for b in batches] == [PURGE_BATCH, PURGE_BATCH, 50]
+    assert [c for b in batches for c in b] == conns
+    assert await survivor.purge_dead(on_batch) == []
+    await assert_purged(store, writer, dead)
+
+
+async def test_a_purge_cut_short_is_taken_over_when_its_lease_expires(store: Store) -> None:
+    writer, dead, conns = await dead_node_with(store, 2 * PURGE_BATCH + 50)
+    first, second = await store.make(), await store.make()
+    handed: list[list[str]] = []
+
+    class Died(Exception):
+        pass
+
+    async def dies_in_its_second_batch(node_id: str, batch: list[ConnInfo]) -> None:
+        handed.append([c.client_id for c in batch])
+        if len(handed) == 2:
+            raise Died  # as a purger killed while its on_close handlers run
+
+    async def record(node_id: str, batch: list[ConnInfo]) -> None:
+        handed.append([c.client_id for c in batch])
+
+    with pytest.raises(Died):
+        await first.purge_dead(dies_in_its_second_batch, lease=LEASE)
+    assert await second.purge_dead(record, lease=LEASE) == []  # its lease still holds
+    assert len(handed) == 2
+    await asyncio.sleep(LEASE + 0.2)
+    [taken] = await second.purge_dead(record, lease=LEASE)
+    cids = [c.client_id for c in conns]
+    # the batch cut short is handed out again, the rest once
+    assert handed == [cids[:PURGE_BATCH], cids[PURGE_BATCH : 2 * PURGE_BATCH],
+                      cids[PURGE_BATCH : 2 * PURGE_BATCH], cids[2 * PURGE_BATCH :]]
+    assert taken == DeadNode(dead, conns[PURGE_BATCH:])
+    assert await first.purge_dead(record, lease=LEASE) == []
+    await assert_purged(store, writer, dead)
+
+
+async def test_a_purge_renews_its_lease_while_its_handlers_run(store: Store) -> None:
+    writer, dead, conns = await dead_node_with(store, 3)
+
+    async def slow(node_id: str, batch: list[ConnInfo]) -> None:
+        await asyncio.sleep(3 * LEASE)  # slow on_close handlers
+
+    first, second = await store.make(), await store.make()
+    purge = asyncio.ensure_future(first.purge_dead(slow, lease=LEASE))
+    for _ in range(4):
+        await asyncio.sleep(LEASE / 2)
+        assert await second.purge_dead(slow, lease=LEASE) == []
+    assert await purge == [DeadNode(dead, conns)]
+    await assert_purged(store, writer, dead)
+
+
+async def test_a_node_back_during_its_purge_stops_it(store: Store) -> None:
+    writer, dead, conns = await dead_node_with(store, PURGE_BATCH + 1)
+    handed: list[ConnInfo] = []
+
+    async def back(node_id: str, batch: list[ConnInfo]) -> None:
+        handed.extend(batch)
+        assert await writer.heartbeat(dead, TTL, {}) is False  # purge begun: resync
+
+    assert await (await store.make()).purge_dead(back) == []
+    assert handed == conns[:PURGE_BATCH]  # the second batch is never handed out
+    await writer.resync(dead, conns, TTL, {})
+    assert sum([(await writer.group_members(f"g{i}")).count for i in range(3)]) == len(conns)
+    if store.kind == "redis":  # the purge left neither its claim nor its lease
+        assert not [k for k in await store.keys() if k.endswith((":purging", f"purge:{dead}"))]
+    assert await (await store.make()).purge_dead(back) == []
 
 
 async def test_heartbeat_is_false_after_the_store_is_flushed(store: Store) -> None:

@@ -15,7 +15,7 @@ WAIT = 15_000  # ms: the longest any step may take (a dead node's presence is pu
 async def new_page(browser: Any, url: str, width: int = 1000) -> Any:
     """A page in its own browser context (its own sessionStorage: another tab or device);
     `page.errors` collects uncaught exceptions and CSP violations, `page.frames_in` the
-    WebSocket frames received."""
+    WebSocket frames received, `page.requests` the URLs it asked for (WebSockets included)."""
     context = await browser.new_context(viewport={"width": width, "height": 700})
     page = await context.new_page()
     errors: list[str] = []
@@ -25,8 +25,12 @@ async def new_page(browser: Any, url: str, width: int = 1000) -> Any:
     page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text
             else None)  # fmt: skip
     page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(payload)))
+    requests: list[str] = []  # the URL of every request and WebSocket the page made
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("websocket", lambda ws: requests.append(ws.url))
     page.errors = errors
     page.frames_in = frames
+    page.requests = requests
     await page.goto(url)
     return page
 

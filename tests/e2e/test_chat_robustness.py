@@ -278,15 +278,23 @@ async def test_page_on_a_jwt_cluster(jwt_cluster: Cluster, browser: Any, unique:
     old = await new_page(browser, f"{base}?token={token('old', ttl=-60)}")
     await expect(old.locator("#token-error")).to_contain_text("token expired", timeout=WAIT)
     assert old.url == base
-    # a good token, pasted: logged in as its subject; the token leaves the address bar
-    ann, ben = f"ann{unique}", f"ben{unique}"
+    # a good token, pasted: logged in as its subject; the token leaves the address bar, and
+    # is in no URL the page asks for (the WebSocket gets it as a subprotocol: URLs get logged)
+    ann, ben, cat = f"ann{unique}", f"ben{unique}", f"cat{unique}"
     await p.fill("#token", token(ann))
     await p.press("#token", "Enter")
     await logged_in(p, ann)
     assert p.url == base
     await expect(p.locator("#logout-btn")).to_have_text("log out")
-    b = await new_page(browser, f"{base}?token={token(ben)}")
+    assert any(u.endswith("/ws") for u in p.requests), p.requests
+    assert not [u for u in p.requests if "token" in u or "eyJ" in u], p.requests
+    b = await new_page(browser, f"{base}?token={token(ben)}")  # ?token= in the address: still
     await logged_in(b, ben)
+    assert not [u for u in b.requests[1:] if "token" in u], b.requests  # only the page's own
+    c = await new_page(browser, f"{base}#token={token(cat)}")  # a fragment: never sent at all
+    await logged_in(c, cat)
+    assert c.url == base
+    assert not [u for u in c.requests if "token" in u or "eyJ" in u], c.requests
     await online_item(b, ann).click()
     await send(b, "hello with a token")
     await open_conv(p, f"dm:{ben}")
@@ -305,7 +313,7 @@ async def test_page_on_a_jwt_cluster(jwt_cluster: Cluster, browser: Any, unique:
     await p.click("#logout-btn")
     await expect(p.locator("#token-form")).to_be_visible(timeout=WAIT)
     assert await p.evaluate("sessionStorage.length") == 0
-    assert p.errors == b.errors == old.errors == short.errors == []
+    assert p.errors == b.errors == c.errors == old.errors == short.errors == []
 
 
 async def test_narrow_screen_and_keyboard(cluster: Any, browser: Any, unique: str) -> None:

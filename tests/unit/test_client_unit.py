@@ -241,3 +241,24 @@ def test_positions_are_checked_and_kept_until_connected() -> None:
     for bad in ({"all": ["e", 1]}, {"uid:a": ["e", -1]}, {"group:g": "e:1"}):
         with pytest.raises(ValueError):
             Client("ws://127.0.0.1:9/ws", positions=bad)
+
+
+async def test_left_forgets_the_group_and_overtakes_requests_in_flight() -> None:
+    """A `left` frame (a new token no longer allows the group): the group and its position
+    are forgotten, the frame is queued, and a request about the group that was in flight
+    (e.g. a join acked just before the `left`) does not bring it back."""
+    client = Client("ws://127.0.0.1:9/ws", positions={"group:g": ["e", 3], "group:h": ["e", 1]})
+    client._groups.update(g=True, h=False)
+    frame = {"type": "left", "group": "g", "reason": "forbidden"}
+    with client._latest(["group:g", "group:h"]) as latest:  # in flight
+        client._left(frame)
+    assert latest == {"group:h"} and client._intents == {}
+    assert client.groups == {"h": False}
+    assert client.positions() == {"group:h": ["e", 1]}
+    assert await client.recv(1) == frame
+    with client._latest(["group:g"]) as latest:  # a later request is not affected
+        pass
+    assert latest == {"group:g"}
+    client._left({"type": "left", "group": 7})  # malformed: only queued
+    assert client.groups == {"h": False}
+    await client.close()

@@ -244,7 +244,7 @@ def test_standalone_holds_many_websockets_and_ends() -> None:
 def test_snippet_is_http_content_only() -> None:
     text = render(NginxOptions((parse_upstream("a:1"),)))
     root = parse(text)
-    assert {d.name for d in root.block or []} == {"map", "upstream", "server"}
+    assert {d.name for d in root.block or []} == {"log_format", "map", "upstream", "server"}
     # what it cannot set itself, its header tells (for the distribution's nginx.conf)
     head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     for advice in (f"worker_rlimit_nofile {nginx.WORKER_RLIMIT_NOFILE};",

@@ -2,14 +2,16 @@
 
 /** One fake socket; the test drives the "server" side through its methods. */
 class FakeSocket {
-  constructor(url, cluster) {
+  constructor(url, cluster, protocols) {
     this.url = url;
+    this.protocols = protocols; // as the client passed them (undefined: none)
+    this.protocol = [].concat(protocols ?? []).includes("wscluster.v1") ? "wscluster.v1" : ""; // selected
     this.cluster = cluster;
     this.readyState = 0;
     this.sent = [];            // frames the client sent, parsed
     this.closedByClient = null;
     cluster.sockets.push(this);
-    cluster.created.push({ url, at: Date.now() });
+    cluster.created.push({ url, protocols, at: Date.now() });
     setTimeout(() => {
       if (this.readyState !== 0) return;
       if (cluster.down.has(url)) return this.drop(1006, "");
@@ -74,7 +76,7 @@ export class FakeCluster {
     this.welcome = (sock) => ({ type: "welcome", client_id: `${sock.url}.${++n}`, node: sock.url, uid: null, heartbeat: 25 });
     const cluster = this;
     this.WebSocket = class extends FakeSocket {
-      constructor(url) { super(url, cluster); }
+      constructor(url, protocols) { super(url, cluster, protocols); }
     };
   }
 

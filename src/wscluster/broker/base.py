@@ -15,16 +15,39 @@ server):
   (connected means: publishing works and every remembered subscription is in place).
 - Delivery is at-most-once: a message published while a subscriber's link is down is lost
   for that subscriber. Each implementation's docstring states its own limits.
+- One bad channel fails alone: a channel that is not UTF-8 (``routing.is_utf8``), or one the
+  broker cannot carry (too long for NATS), fails its publish's future at once, and in a
+  ``subscribe`` call raises ``ChannelRefused`` naming it once the call's other channels
+  are confirmed. Such a channel is never remembered; in ``unsubscribe`` it is ignored. The
+  links stay up: nothing a caller names can break a batch shared with other callers.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
+
+from wscluster.errors import BrokerUnavailable
+from wscluster.routing import is_utf8
 
 MessageHandler = Callable[[str, bytes], None]
 StateHandler = Callable[[bool], None]
+
+
+class ChannelRefused(BrokerUnavailable):
+    """Channels of a ``subscribe`` call refused for what they are (``channels``); the
+    call's other channels are subscribed."""
+
+    def __init__(self, channels: Iterable[str], reason: str) -> None:
+        self.channels = tuple(channels)
+        super().__init__(f"{len(self.channels)} channel(s) refused: {reason}")
+        self.reason = reason
+
+
+def not_utf8(channels: Iterable[str]) -> list[str]:
+    """The channels that are not UTF-8 (usually none: a fast check)."""
+    return [ch for ch in channels if not is_utf8(ch)]
 
 
 class Broker(Protocol):

@@ -18,9 +18,10 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 
-from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.base import ChannelRefused, MessageHandler, StateHandler, not_utf8
 from wscluster.broker.state import LinkState
 from wscluster.errors import BrokerUnavailable
+from wscluster.routing import is_utf8
 
 log = logging.getLogger("wscluster.broker")
 
@@ -131,6 +132,8 @@ class MemoryBroker:
         size = len(payload)
         if not self._state.connected or self._closed:
             fut.set_exception(BrokerUnavailable("broker not connected"))
+        elif not is_utf8(channel):  # as a real broker would (broker.base)
+            fut.set_exception(BrokerUnavailable("publish refused: channel not valid UTF-8"))
         elif self._pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
         else:
@@ -148,6 +151,11 @@ class MemoryBroker:
         if self._closed:
             raise BrokerUnavailable("broker closed")
         todo = list(dict.fromkeys(channels))
+        refused = not_utf8(todo)
+        if refused:
+            bad = set(refused)
+            await self.subscribe([ch for ch in todo if ch not in bad])
+            raise ChannelRefused(refused, "not valid UTF-8")
         self._desired.update(todo)
         if self._state.connected:
             self.hub._add(self, todo)
@@ -197,7 +205,7 @@ class MemoryBroker:
         try:
             self._on_message(channel, payload)
         except Exception:
-            log.exception("on_message handler failed (channel %s)", channel)
+            log.exception("on_message handler failed (channel %r)", channel)
 
     def _hub_state(self, up: bool) -> None:
         if self._closed:

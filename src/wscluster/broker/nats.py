@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import MessageHandler, StateHandler
+from wscluster.broker.base import ChannelRefused, MessageHandler, StateHandler
 from wscluster.broker.nats_link import (
     LINK_ERRORS,
     MAX_BATCH,
@@ -50,8 +50,8 @@ from wscluster.broker.nats_link import (
     Link,
     channel_subject,
     describe,
+    refused,
     subject_channel,
-    too_long,
 )
 from wscluster.broker.state import LinkState, fail_all
 from wscluster.errors import BrokerUnavailable
@@ -116,9 +116,9 @@ class NatsBroker:
         link = self._link
         if link is None or link.lost.is_set() or self._closing:
             fut.set_exception(BrokerUnavailable("broker not connected"))
-        elif size > link.nc.max_payload or too_long(channel):
+        elif size > link.nc.max_payload or (why := refused(channel)):  # alone, at once
             limit = link.nc.max_payload
-            what = f"{size} bytes > {limit}" if size > limit else "channel too long"
+            what = f"{size} bytes > {limit}" if size > limit else why
             fut.set_exception(BrokerUnavailable(f"publish refused: {what}"))
         elif self._pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
@@ -135,8 +135,10 @@ class NatsBroker:
         if self._closing:
             raise BrokerUnavailable("broker closed")
         todo = list(dict.fromkeys(channels))
-        if any(too_long(ch) for ch in todo):  # the server would drop the connection
-            raise BrokerUnavailable(f"channel longer than {MAX_CHANNEL_BYTES} bytes refused")
+        bad = {ch: why for ch in todo if (why := refused(ch))}  # never remembered
+        if bad:
+            await self.subscribe([ch for ch in todo if ch not in bad])
+            raise ChannelRefused(bad, ", ".join(sorted(set(bad.values()))))
         if not todo:
             return
         self._desired.update(dict.fromkeys(todo))
@@ -297,7 +299,7 @@ class NatsBroker:
         try:
             self._on_message(channel, payload)
         except Exception:
-            log.exception("on_message handler failed (channel %s)", channel)
+            log.exception("on_message handler failed (channel %r)", channel)
 
     # --- publishing -------------------------------------------------------------------
     async def _write(self, link: Link) -> None:
@@ -315,8 +317,8 @@ class NatsBroker:
                 inflight.append(item)
                 try:
                     await nc.publish(channel_subject(item[0]), item[1])
-                except NatsError as exc:
-                    if nc.is_closed:
+                except (NatsError, ValueError, TypeError) as exc:
+                    if isinstance(exc, NatsError) and nc.is_closed:
                         raise
                     if not item[2].done():  # refused (too large): this message only
                         item[2].set_exception(

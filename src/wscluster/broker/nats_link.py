@@ -14,6 +14,8 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from wscluster.routing import is_utf8
+
 log = logging.getLogger("wscluster.broker")
 
 MAX_BATCH = 10_000  # messages per acknowledged batch
@@ -32,8 +34,14 @@ def channel_subject(channel: str) -> str:
     return "wsc.c" + base64.urlsafe_b64encode(channel.encode()).rstrip(b"=").decode("ascii")
 
 
-def too_long(channel: str) -> bool:
-    return len(channel) > MAX_CHANNEL_BYTES // 4 and len(channel.encode()) > MAX_CHANNEL_BYTES
+def refused(channel: str) -> str:
+    """Why a channel cannot be a subject ('' when it can): not UTF-8, or too long (a subject
+    line over the server's max_control_line makes it drop the connection)."""
+    if not is_utf8(channel):
+        return "channel not valid UTF-8"
+    if len(channel) > MAX_CHANNEL_BYTES // 4 and len(channel.encode()) > MAX_CHANNEL_BYTES:
+        return f"channel longer than {MAX_CHANNEL_BYTES} bytes"
+    return ""
 
 
 @functools.lru_cache(maxsize=4096)

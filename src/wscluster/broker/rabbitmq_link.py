@@ -19,9 +19,10 @@ from aiormq import DeliveryError, spec
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import MessageHandler
+from wscluster.broker.base import ChannelRefused, MessageHandler, not_utf8
 from wscluster.broker.state import fail_all
 from wscluster.errors import BrokerUnavailable
+from wscluster.routing import is_utf8
 
 log = logging.getLogger("wscluster.broker")
 
@@ -161,6 +162,8 @@ class Publisher(Link):
         size = len(payload)
         if not self.up or self.closing:
             fut.set_exception(BrokerUnavailable("broker not connected"))
+        elif not is_utf8(channel):  # fails alone, now, not the batch it would join
+            fut.set_exception(BrokerUnavailable("publish refused: channel not valid UTF-8"))
         elif self.pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
         elif size > MAX_PAYLOAD:
@@ -207,6 +210,8 @@ class Publisher(Link):
                     continue
                 if isinstance(result, DeliveryError):  # nack: this message only
                     fut.set_exception(BrokerUnavailable("publish refused by the broker"))
+                elif isinstance(result, ValueError | TypeError):  # not sent: this one only
+                    fut.set_exception(BrokerUnavailable(f"publish refused: {describe(result)}"))
                 elif isinstance(result, BaseException):
                     failure = failure or result
                     fut.set_exception(BrokerUnavailable(f"publish failed: {describe(result)}"))
@@ -243,6 +248,11 @@ class Subscriber(Link):
     async def subscribe(self, channels: list[str]) -> None:
         if self.closing:
             raise BrokerUnavailable("broker closed")
+        refused = not_utf8(channels)  # never remembered: the others are subscribed
+        if refused:
+            bad = set(refused)
+            await self.subscribe([ch for ch in channels if ch not in bad])
+            raise ChannelRefused(dict.fromkeys(refused), "not valid UTF-8")
         for channel in dict.fromkeys(channels):
             key = routing_key(channel)
             self._desired[key] = channel
@@ -252,6 +262,8 @@ class Subscriber(Link):
 
     async def unsubscribe(self, channels: list[str]) -> None:
         for channel in dict.fromkeys(channels):
+            if not is_utf8(channel):
+                continue  # never subscribed
             key = routing_key(channel)
             if self._desired.get(key) == channel:
                 del self._desired[key]
@@ -342,4 +354,4 @@ class Subscriber(Link):
         try:
             self.on_message(channel, message.body)
         except Exception:
-            log.exception("on_message handler failed (channel %s)", channel)
+            log.exception("on_message handler failed (channel %r)", channel)

@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from wscluster.errors import PresenceUnavailable
+from wscluster.routing import is_utf8
 
 POSITIONS_BATCH = 500  # streams per script call of the position check
 
@@ -167,7 +168,12 @@ class RedisHistory:
             raise PresenceUnavailable(f"history store: {exc}") from None
 
     async def positions(self, streams: list[str]) -> list[tuple[str, int]]:
-        """(epoch or '', last offset) of each stream, in one round trip."""
+        """(epoch or '', last offset) of each stream, in one round trip. A stream whose name
+        is not UTF-8 is not asked for (it cannot be stored): ('', 0), the others go."""
+        if not all(map(is_utf8, streams)):
+            asked = [s for s in streams if is_utf8(s)]
+            known = dict(zip(asked, await self.positions(asked), strict=True))
+            return [known.get(s, ("", 0)) for s in streams]
         flat: list[Any] = []
         meta = self._names.history_meta_key
         try:

@@ -16,6 +16,7 @@ from wscluster.backoff import Backoff
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector, describe
 from wscluster.broker.state import fail_all
 from wscluster.errors import BrokerUnavailable
+from wscluster.routing import is_utf8
 
 MAX_BATCH = 10_000  # PUBLISH commands per pipeline
 MAX_BATCH_BYTES = 4 << 20  # payload bytes per pipeline (at least one message is sent)
@@ -53,18 +54,21 @@ class Publisher:
         self._sha = ""
 
     def publish_nowait(self, channel: str, payload: bytes) -> asyncio.Future[None]:
-        return self._enqueue(("PUBLISH", channel, payload), len(payload))
+        return self._enqueue(("PUBLISH", channel, payload), len(payload), is_utf8(channel))
 
     def script_nowait(
         self, keys: tuple[str, ...], args: tuple[Any, ...], size: int
     ) -> asyncio.Future[Any]:
         """Run the history script (``scripts``) in publish order; the future gets its reply."""
-        return self._enqueue(("EVALSHA", self._sha, len(keys), *keys, *args), size)
+        ok = all(is_utf8(a) for a in (*keys, *args) if isinstance(a, str))
+        return self._enqueue(("EVALSHA", self._sha, len(keys), *keys, *args), size, ok)
 
-    def _enqueue(self, command: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
+    def _enqueue(self, command: tuple[Any, ...], size: int, text_ok: bool) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.up or self.closing:
             fut.set_exception(BrokerUnavailable("broker not connected"))
+        elif not text_ok:  # fails alone, now, not the batch it would join
+            fut.set_exception(BrokerUnavailable("publish refused: a channel or key not UTF-8"))
         elif self.pending_bytes + size > self._max_pending:
             fut.set_exception(BrokerUnavailable("publish queue full"))
         else:
@@ -124,7 +128,9 @@ class Publisher:
                 item = queue.popleft()
                 size += item[1]
                 inflight.append(item)
-            packed = conn.pack_commands([command for command, _, _ in inflight])
+            packed = self._pack(conn)
+            if not inflight:
+                continue
             await conn.send_packed_command(packed, check_health=False)
             async with asyncio.timeout(self._publish_timeout):  # for the whole batch
                 while inflight:
@@ -143,3 +149,24 @@ class Publisher:
                         fut.set_result(reply if command[0] == "EVALSHA" else None)
                     else:
                         fut.set_exception(error)
+
+    def _pack(self, conn: AbstractConnection) -> list[bytes]:
+        """The in-flight commands, packed. One that cannot be packed (checked when queued:
+        never expected) fails alone and leaves the batch; the others go."""
+        inflight = self._inflight
+        try:
+            return conn.pack_commands([command for command, _, _ in inflight])
+        except Exception:
+            packed: list[bytes] = []
+            items = list(inflight)
+            inflight.clear()
+            for command, size, fut in items:
+                try:
+                    packed += conn.pack_command(*command)
+                except Exception as exc:
+                    self.pending_bytes -= size
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"publish refused: {exc!r}"))
+                else:
+                    inflight.append((command, size, fut))
+            return packed

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from redis.asyncio.connection import AbstractConnection
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import MessageHandler
+from wscluster.broker.base import ChannelRefused, MessageHandler, not_utf8
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector, describe
 from wscluster.errors import BrokerUnavailable
 
@@ -60,6 +60,11 @@ class Subscriber:
         if self.closing:
             raise BrokerUnavailable("broker closed")
         todo = list(dict.fromkeys(channels))
+        refused = not_utf8(todo)  # never remembered: each resubscription sends them all
+        if refused:
+            bad = set(refused)
+            await self.subscribe([ch for ch in todo if ch not in bad])
+            raise ChannelRefused(refused, "not valid UTF-8")
         if not todo:
             return
         self._desired.update(todo)
@@ -77,7 +82,7 @@ class Subscriber:
             raise BrokerUnavailable(f"subscription not confirmed in {timeout} s")
 
     async def unsubscribe(self, channels: Sequence[str]) -> None:
-        todo = [ch for ch in dict.fromkeys(channels) if ch in self._desired]
+        todo = [ch for ch in dict.fromkeys(channels) if ch in self._desired]  # all UTF-8
         if not todo:
             return
         self._desired.difference_update(todo)
@@ -108,10 +113,11 @@ class Subscriber:
     ) -> list[asyncio.Future[None]]:
         """(UN)SUBSCRIBE ``chans``; the futures resolve with the confirmations (in order)."""
         loop = asyncio.get_running_loop()
+        packed = _pack(conn, "SUBSCRIBE" if is_sub else "UNSUBSCRIBE", chans)  # UTF-8: it packs
         futs: list[asyncio.Future[None]] = [loop.create_future() for _ in chans]
         for ch, fut in zip(chans, futs, strict=True):
             self._confirm.setdefault((is_sub, ch), deque()).append(_Confirm([fut]))
-        await self._send_batched(conn, "SUBSCRIBE" if is_sub else "UNSUBSCRIBE", chans)
+        await _send(conn, packed)
         return futs
 
     async def _all_within_timeout(self, futs: list[asyncio.Future[None]]) -> bool:
@@ -122,14 +128,6 @@ class Subscriber:
             return False
         return True
 
-    async def _send_batched(self, conn: AbstractConnection, cmd: str, chans: list[str]) -> None:
-        """Send every command in one write; the reader notices a broken link by itself."""
-        n = SUBSCRIBE_BATCH
-        packed = conn.pack_commands([(cmd, *chans[i : i + n]) for i in range(0, len(chans), n)])
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-        except Exception as exc:
-            log.debug("%s not sent: %s", cmd, describe(exc))
 
     async def run(self) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
@@ -159,7 +157,7 @@ class Subscriber:
         _resolve(f for ws in self._orphans.values() for f in ws)  # no longer desired
         self._orphans.clear()
         if chans:
-            await self._send_batched(conn, "SUBSCRIBE", chans)
+            await _send(conn, _pack(conn, "SUBSCRIBE", chans))
         else:
             self.up = True
             self._update_state("")
@@ -212,7 +210,7 @@ class Subscriber:
                 try:
                     self.on_message(channel, reply[2])
                 except Exception:
-                    log.exception("on_message handler failed (channel %s)", channel)
+                    log.exception("on_message handler failed (channel %r)", channel)
         elif kind == b"subscribe" or kind == b"unsubscribe":
             self._confirmed(kind == b"subscribe", reply[1].decode())
 
@@ -229,3 +227,17 @@ class Subscriber:
             if self._resub_left == 0:
                 self.up = True
                 self._update_state("")
+
+
+def _pack(conn: AbstractConnection, cmd: str, chans: list[str]) -> list[bytes]:
+    """``cmd`` for every channel, SUBSCRIBE_BATCH a command (the channels are UTF-8)."""
+    n = SUBSCRIBE_BATCH
+    return conn.pack_commands([(cmd, *chans[i : i + n]) for i in range(0, len(chans), n)])
+
+
+async def _send(conn: AbstractConnection, packed: list[bytes]) -> None:
+    """Send every command in one write; the reader notices a broken link by itself."""
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+    except Exception as exc:
+        log.debug("(un)subscribe not sent: %s", describe(exc))

@@ -3,7 +3,7 @@
     async with Client("ws://127.0.0.1:8001/ws", uid="alice") as client:
         await client.join("room1")
         await client.send("group:room1", {"text": "hi"})
-        async for frame in client:      # `message`, `presence` and unsolicited `error` frames
+        async for frame in client:  # `message`, `presence`, `left`, unsolicited `error` frames
             print(frame)
 
 Requests carry integer ids and are matched to their ``ack``/``pong``/``error`` by id.
@@ -299,9 +299,24 @@ class Client:
             yield latest
         finally:
             for key, intent in mine.items():
-                if self._intents.get(key) == intent:
+                current = self._intents.get(key)
+                if current in (intent, -intent):  # negated: overtaken by a `left` (_left)
                     del self._intents[key]
-                    latest.add(key)
+                    if current == intent:
+                        latest.add(key)
+
+    def _left(self, frame: Frame) -> None:
+        """A ``left`` frame: the server made the connection leave a group (a new token does
+        not allow it). Forget the group (not re-joined, not resumed) and its position; a
+        request about it still in flight no longer changes that. Then queue the frame."""
+        group = frame.get("group")
+        key = f"group:{group}"
+        if isinstance(group, str):
+            self._groups.pop(group, None)
+            self._positions.forget(key)
+            if key in self._intents:
+                self._intents[key] = -self._intents[key]
+        self._inbox.put(frame)
 
     async def send(self, to: str, data: Any) -> Frame:
         return await self.request({"type": "send", "to": to, "data": data})

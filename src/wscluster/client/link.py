@@ -52,6 +52,8 @@ class Link(WSListener):
                     log.warning("ignoring a text frame that is not a JSON object")
                 elif obj.get("type") == "welcome" and not self.welcome.done():
                     self.welcome.set_result(obj)
+                elif obj.get("type") == "left":
+                    self.client._left(obj)
                 else:
                     route(obj, self.pending, self.client._inbox.put, self.client._last_id)
             elif frame.msg_type is WSMsgType.CLOSE:

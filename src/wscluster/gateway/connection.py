@@ -58,7 +58,7 @@ class Connection(ReadLimits):
     (one system call for all of them, instead of one per frame: fan-out bursts and acks)."""
 
     __slots__ = (
-        "_abuse", "_asm", "_backlog", "_drain_waiters", "_frag_timer", "_out", "_out_keep",
+        "_abuse", "_asm", "_backlog", "_drain_waiters", "_frag_timer", "_out", "_out_drop",
         "admitting", "app", "app_gate", "app_tail", "cid", "close_code", "congested", "expiry",
         "holding", "host", "peer", "policy", "raw", "request", "server_closed",
     )  # fmt: skip
@@ -81,8 +81,8 @@ class Connection(ReadLimits):
         self.app_gate: asyncio.Future[bool] | None = None  # on_connect may run (welcomed)
         self.congested = False
         self._backlog: Backlog | None = None  # held while congested (see push); else None
-        self._out: list[tuple[WSMsgType, bytes]] | None = None  # pushed this turn (see flush)
-        self._out_keep = False  # _out holds a frame that may not be dropped
+        self._out: list[tuple[WSMsgType, bytes, bool]] | None = None  # this turn's (flush)
+        self._out_drop = False  # _out holds a droppable frame
         self._drain_waiters: list[asyncio.Future[None]] | None = None  # see drained()
         self._asm: Assembler | None = None  # made at the first fragmented message
         self._frag_timer: asyncio.TimerHandle | None = None  # --fragment-timeout
@@ -238,13 +238,13 @@ class Connection(ReadLimits):
             return
         out = self._out
         if out is not None:  # after this turn's earlier frames, whatever happened since
-            out.append((kind, payload))
-            self._out_keep = self._out_keep or not droppable
+            out.append((kind, payload, droppable))
+            self._out_drop = self._out_drop or droppable
         elif self._backlog is not None or (droppable and self.congested):
             self._hold(payload, kind, droppable)
         else:
-            self._out = [(kind, payload)]
-            self._out_keep = not droppable
+            self._out = [(kind, payload, droppable)]
+            self._out_drop = droppable
             self.host.want_flush(self)
 
     def flush(self) -> None:
@@ -253,14 +253,35 @@ class Connection(ReadLimits):
         transport = self.transport
         if out is None or transport is None or self.closing:
             return
+        if self._out_drop:
+            self._flush_droppable(out)
+            return
         tr = transport.underlying_transport
         if len(out) == 1:
-            outbound.write(tr, *out[0])
+            outbound.write(tr, out[0][0], out[0][1])
         else:
             outbound.write_all(tr, out)
-        if self.congested and self._out_keep:  # a droppable frame after it would be held
-            if tr.get_write_buffer_size() > self.host.config.max_outbox:
-                self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
+        if self.congested and tr.get_write_buffer_size() > self.host.config.max_outbox:
+            self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
+
+    def _flush_droppable(self, out: list[tuple[WSMsgType, bytes, bool]]) -> None:
+        """This turn's frames when some may be dropped: each goes to the transport until it
+        is congested, then to the backlog (where the oldest droppable ones go first), so a
+        burst of a drop-oldest stream never piles up in the transport's buffer."""
+        assert self.transport is not None
+        tr = self.transport.underlying_transport
+        wrote_kept = False
+        for kind, payload, droppable in out:
+            if self._backlog is not None or (droppable and self.congested):
+                self._hold(payload, kind, droppable)
+                if self.closing:
+                    return
+            else:
+                outbound.write(tr, kind, payload)
+                wrote_kept = wrote_kept or not droppable
+        limit = self.host.config.max_outbox
+        if wrote_kept and self.congested and tr.get_write_buffer_size() > limit:
+            self.close(SLOW_CONSUMER_CLOSE, "slow consumer")
 
     def _hold(self, payload: bytes, kind: WSMsgType, droppable: bool) -> None:
         backlog = self._backlog

@@ -45,10 +45,11 @@ def write(transport: Any, kind: WSMsgType, payload: bytes) -> None:
         transport.writelines((header(kind, len(payload)), payload))
 
 
-def write_all(transport: Any, frames: Iterable[tuple[WSMsgType, bytes]]) -> None:
-    """Write several frames in one call (one writev when the socket takes them)."""
+def write_all(transport: Any, frames: Iterable[tuple[WSMsgType, bytes, bool]]) -> None:
+    """Write several frames (kind, payload, droppable) in one call (one writev when the
+    socket takes them)."""
     parts: list[bytes] = []
-    for kind, payload in frames:
+    for kind, payload, _ in frames:
         parts.append(header(kind, len(payload)))
         parts.append(payload if type(payload) is bytes else bytes(payload))
     transport.writelines(parts)

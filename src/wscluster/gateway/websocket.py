@@ -19,7 +19,7 @@ from picows import (
     ws_create_server,
 )
 
-from ..gate import Refusal
+from ..gate import SUBPROTOCOL, Refusal, selected_subprotocol
 from .connection import Connection
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ _server_log.addFilter(_PeerNoise())
 _PICOWS_LOGGER = logging.LoggerAdapter(_server_log, {})
 
 _READ_BUFFER = 2048
+_SELECTED = {"Sec-WebSocket-Protocol": SUBPROTOCOL}
 
 
 # The chat page (static/, read once at start): path -> (file, content type).
@@ -117,7 +118,12 @@ class PublicServer:
             verdict = node.gate.check("/ws", query.decode("latin-1"), request.headers)
             if isinstance(verdict, Refusal):
                 return _refuse(node, verdict.status, verdict.reason)
-            return Connection(node, verdict)
+            if selected_subprotocol(request.headers) is None:
+                return Connection(node, verdict)
+            # offered "wscluster.v1" (a browser sending its token as "bearer.<JWT>"): select
+            # it, or the browser fails the connection; the bearer entry is never echoed
+            accept = WSUpgradeResponse.create_101_response(_SELECTED)
+            return WSUpgradeResponseWithListener(accept, Connection(node, verdict))
         if request.method != b"GET":
             return _plain(405, b"method not allowed", "text/plain")
         if path == b"/healthz":

@@ -9,13 +9,21 @@ Contract every implementation keeps (tests/contract/test_presence.py):
   returns once it is applied.
 - Node liveness is a heartbeat with a TTL. Readers never report a connection of a node whose
   heartbeat is older than the TTL, whether or not it was purged yet.
-- ``purge_dead`` removes the entries of expired nodes; each dead node is claimed (returned
-  with its connections) by exactly one caller, however many survivors call it concurrently.
+- ``purge_dead`` removes the entries of expired nodes. A caller claims a dead node with a
+  lease that it renews while it purges: one caller at a time purges a node, however many
+  call concurrently, and a purge whose lease ran out (its purger died or stalled) is taken
+  over by the next caller. The connections are handed to ``on_batch`` up to
+  ``PURGE_BATCH`` at a time, and a batch is removed from the store only once ``on_batch``
+  returned, so every connection is handed out at least once, and exactly once unless a
+  purger stops between handing a batch out and removing it: the caller that takes over
+  then hands that batch out again. A dead node stays in the store until all its
+  connections are removed; one that heartbeats again stops its purge before the next
+  batch (its heartbeat then returns False: what was removed, it restores by ``resync``).
 - ``heartbeat`` returns False when the store did not know the node (the store restarted
   empty, or the node was purged after a long pause): the node must then call ``resync``.
 - A connection's session (a dict of JSON values) lives in the connection's record: written
   by ``set_session`` only, from any process, gone with the record (``remove``,
-  ``remove_node``, purge). ``purge_dead`` returns it in ``ConnInfo.session``; ``resync``
+  ``remove_node``, purge). ``purge_dead`` hands it out in ``ConnInfo.session``; ``resync``
   keeps the session of each connection it keeps; ``add`` ignores ``ConnInfo.session``. A
   session stays within the ``limit`` its writers pass (bytes: the sum over keys of the
   UTF-8 key plus its JSON value). Reads return None for a connection of a dead node.
@@ -23,8 +31,9 @@ Contract every implementation keeps (tests/contract/test_presence.py):
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +43,8 @@ from wscluster.errors import Code, ProtocolError, bad_request
 
 log = logging.getLogger("wscluster.presence")
 SESSION_KEY_MAX = 128  # characters in a session key
+PURGE_BATCH = 200  # connections of a dead node handed out, then removed, at a time
+PURGE_LEASE = 10.0  # default seconds a purge claim holds without being renewed
 
 
 @dataclass(slots=True)
@@ -60,6 +71,11 @@ class NodeInfo:
 class DeadNode:
     node_id: str
     connections: list[ConnInfo]
+
+
+# ``purge_dead``'s callback: (dead node id, a batch of its connections); the batch is
+# removed from the store once it returns
+OnBatch = Callable[[str, list[ConnInfo]], Awaitable[None]]
 
 
 class Presence(Protocol):
@@ -104,9 +120,13 @@ class Presence(Protocol):
         """Graceful stop: forget the node and all its connections now."""
         ...
 
-    async def purge_dead(self) -> list[DeadNode]:
-        """Claim and purge expired nodes; each is returned by exactly one caller, with its
-        connections' uids, groups and sessions."""
+    async def purge_dead(
+        self, on_batch: OnBatch | None = None, *, lease: float = PURGE_LEASE
+    ) -> list[DeadNode]:
+        """Claim expired nodes (or take over purges whose lease of ``lease`` seconds ran
+        out) and purge them: each batch of connections (uid, groups, session) goes to
+        ``on_batch``, then is removed. Returns the nodes whose purge this call finished,
+        each with the connections this call handed out."""
         ...
 
     # --- session: any process ---------------------------------------------------------
@@ -195,3 +215,25 @@ def session_size(fields: Mapping[str, str]) -> int:
 
 def too_large(limit: int) -> ProtocolError:
     return ProtocolError(Code.TOO_LARGE, f"session larger than {limit} bytes")
+
+
+async def renewing(work: Awaitable[None], renew: Callable[[], Awaitable[bool]],
+                   every: float) -> None:
+    """Await ``work`` (a purge batch's handlers, which may take long) while renewing a lease
+    every ``every`` seconds. Renewal stops once ``renew`` says False (the lease is lost: the
+    purge stops at its next step) and skips failures (the lease may run out: at worst the
+    batch is handed out again); ``work`` is never cancelled for it."""
+    task = asyncio.ensure_future(work)
+    try:
+        held = True
+        while True:
+            done, _ = await asyncio.wait([task], timeout=every if held else None)
+            if done:
+                return task.result()
+            try:
+                held = await renew()
+            except Exception as exc:
+                log.debug("lease renewal failed: %r", exc)
+    finally:
+        if not task.done():  # we are cancelled: so is the work
+            task.cancel()

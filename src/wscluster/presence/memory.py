@@ -8,8 +8,10 @@ Guarantees: every write is applied synchronously when its coroutine first runs, 
 are applied in call order (tasks start in creation order) and are visible to every instance
 of the hub as soon as they return. Liveness uses ``time.monotonic()`` deadlines: a node is
 alive from its heartbeat until ``ttl`` seconds later; readers never report the connections
-of a node that is not alive (or never heartbeated), purged or not. ``purge_dead`` runs
-without awaiting, so each dead node is claimed by exactly one caller.
+of a node that is not alive (or never heartbeated), purged or not. ``purge_dead`` claims
+a node with a lease (a deadline and the instance's token) without awaiting, so one caller
+at a time holds it; a caller whose ``on_batch`` fails or is cancelled leaves the lease to
+expire, and the purge to the next caller (as a purger that died would in Redis).
 
 Sessions are stored as JSON text, like in Redis, so that what is read back is the JSON
 decoding of what was written, and the size limit counts the same bytes.
@@ -20,6 +22,7 @@ Limits: the state lives and dies with the process; nothing is shared between pro
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +30,16 @@ from typing import Any
 
 from wscluster.naming import Names, node_of_client
 from wscluster.presence.base import (
+    PURGE_BATCH,
+    PURGE_LEASE,
     ConnInfo,
     DeadNode,
     GroupInfo,
     NodeInfo,
+    OnBatch,
     decode_session,
     encode_session,
+    renewing,
     session_size,
     too_large,
 )
@@ -54,8 +61,15 @@ class _Node:
 
 
 @dataclass(slots=True)
+class _Lease:
+    owner: str  # the purging instance's token
+    deadline: float
+
+
+@dataclass(slots=True)
 class _State:
     nodes: dict[str, _Node] = field(default_factory=dict)  # "known" nodes (heartbeated)
+    purging: dict[str, _Lease] = field(default_factory=dict)  # dead nodes being purged
     conns: dict[str, dict[str, _Conn]] = field(default_factory=dict)  # node -> cid -> conn
     uids: dict[str, set[str]] = field(default_factory=dict)  # uid -> cids
     groups: dict[str, dict[str, str | None]] = field(default_factory=dict)  # group -> cid -> uid
@@ -72,6 +86,8 @@ class MemoryPresence:
         self.names = names
         self.hub = hub
         self._key = (hub, names.ns)
+        self._token = os.urandom(8).hex()
+        self._mine: set[str] = set()  # nodes this instance is purging now
 
     @property
     def _s(self) -> _State:
@@ -206,13 +222,70 @@ class MemoryPresence:
     async def remove_node(self, node_id: str) -> None:
         self._drop_node(node_id)
 
-    async def purge_dead(self) -> list[DeadNode]:
-        live = self._live()
-        dead = [n for n in self._s.nodes if n not in live]
-        out = [DeadNode(n, self._drop_node(n)) for n in dead]
-        for node in out:
-            log.info("purged dead node %s (%d connections)", node.node_id, len(node.connections))
+    async def purge_dead(
+        self, on_batch: OnBatch | None = None, *, lease: float = PURGE_LEASE
+    ) -> list[DeadNode]:
+        s, live = self._s, self._live()
+        dead = sorted(set(s.nodes).union(s.purging).difference(live, self._mine))
+        out = []
+        for node_id in dead:
+            if not self._claim(node_id, lease):
+                continue
+            self._mine.add(node_id)
+            try:
+                done = await self._purge(node_id, on_batch, lease)
+            finally:
+                self._mine.discard(node_id)
+            if done is not None:
+                log.info("purged dead node %s (%d connections)", node_id, len(done.connections))
+                out.append(done)
         return out
+
+    def _claim(self, node_id: str, lease: float) -> bool:
+        """Claim, take over or renew the purge of a dead node (what Redis's CLAIM does)."""
+        s, now = self._s, time.monotonic()
+        if node_id in self._live():  # back: the rest of its entries are its own again
+            s.purging.pop(node_id, None)
+            return False
+        cur = s.purging.get(node_id)
+        if cur is not None and cur.owner != self._token and cur.deadline > now:
+            return False
+        # off the known nodes: should it come back, its heartbeat says it was forgotten
+        if s.nodes.pop(node_id, None) is None and cur is None:
+            return False
+        s.purging[node_id] = _Lease(self._token, now + lease)
+        return True
+
+    async def _purge(self, node_id: str, on_batch: OnBatch | None,
+                     lease: float) -> DeadNode | None:
+        s, handed = self._s, []
+
+        async def renew() -> bool:
+            return self._claim(node_id, lease)
+
+        while True:
+            cids = sorted(s.conns.get(node_id, {}))
+            for start in range(0, len(cids), PURGE_BATCH):
+                if not self._claim(node_id, lease):  # back alive, or taken over
+                    return None
+                conns = s.conns.get(node_id, {})
+                batch = [ConnInfo(cid, c.uid, sorted(c.groups), decode_session(c.session))
+                         for cid in cids[start : start + PURGE_BATCH]
+                         if (c := conns.get(cid)) is not None]  # fmt: skip
+                if on_batch is not None and batch:
+                    await renewing(on_batch(node_id, batch), renew, lease / 3)
+                if node_id in self._live():
+                    s.purging.pop(node_id, None)
+                    return None
+                for info in batch:
+                    self._drop(node_id, info.client_id, info.uid, info.groups)
+                handed += batch
+            if not self._claim(node_id, lease):
+                return None
+            if not s.conns.get(node_id):
+                s.conns.pop(node_id, None)
+                del s.purging[node_id]
+                return DeadNode(node_id, handed)
 
     async def set_session(
         self, node_id: str, cid: str, values: Mapping[str, Any], *, replace: bool, limit: int

@@ -20,15 +20,17 @@ Guarantees:
   makes its node's next ``heartbeat`` return False, so that the node ``resync``-s.
 - Readers drop every connection whose node (from its cid) has no alive key: a killed node
   vanishes from every answer when its TTL runs out, purged or not.
-- ``purge_dead`` claims a dead node with ZREM in a script that first checks it is still
-  dead: one caller wins, however many try. The winner reads the node's connections, then
-  removes them with scripts that do nothing once the node is alive again (a paused node
-  that comes back is told by its heartbeat to ``resync``).
+- ``purge_dead`` claims a dead node with a lease, in a script that first checks it is still
+  dead and moves it from ``nodes`` to ``purging``: one caller holds it, however many try,
+  and renews it while it purges. It reads the connections a batch at a time, hands each
+  batch out, then removes it with a script that does nothing once the node is alive again
+  (a paused node that comes back is told by its heartbeat to ``resync``). A purge whose
+  lease expired is taken over from ``purging``: see ``presence.redis_purge``.
 - ``resync`` rewrites only the uid and g: fields of the connections it keeps, never their
   s: fields. A failed session write is not repaired by a resync: its caller must retry.
 - A connection enters its node's index first and leaves it last, so whatever a crash
-  leaves behind stays reachable from ``nc:<node>``. If a purger dies after its claim, the
-  node's leftovers are never reported again and readers filter them out: they cost memory.
+  leaves behind stays reachable from ``nc:<node>``, and a purge that stops halfway is
+  resumed from it.
 
 Limits: one writer instance per node id (it keeps each connection's uid and groups). A
 group is read with one HGETALL, a uid with one SMEMBERS, then one MGET of alive keys: fine
@@ -52,16 +54,18 @@ from redis.exceptions import ResponseError
 from wscluster.errors import PresenceUnavailable
 from wscluster.naming import Names, node_of_client
 from wscluster.presence.base import (
+    PURGE_LEASE,
     ConnInfo,
     DeadNode,
     GroupInfo,
     NodeInfo,
+    OnBatch,
     decode_session,
     encode_session,
     too_large,
 )
+from wscluster.presence.redis_purge import Purger
 from wscluster.presence.redis_writer import (
-    CLAIM,
     ERRORS,
     HGETALLS,
     SCRIPT_CMDS,
@@ -105,6 +109,7 @@ class RedisPresence:
         self._writer = BatchWriter(timeout)  # all writes, in call order
         self._r: Redis | None = None  # readers and purge
         self._local: dict[str, dict[str, _Local]] = {}  # node -> cid -> uid and groups
+        self._purger = Purger(names, timeout, _conn_info, self._purge_cmds)
 
     def _client(self, socket_timeout: float | None, connections: int) -> Redis:
         # A blocking pool: a burst of reads waits for a free connection (up to the timeout)
@@ -156,6 +161,9 @@ class RedisPresence:
         cmds: list[Cmd] = [("SREM", n.uid_key(u), cid) for u in set(uids) if u]
         cmds += [("HDEL", n.group_key(g), cid) for g in set(groups)]
         return [*cmds, ("DEL", n.conn_key(cid)), ("HDEL", n.node_conns_key(node_id), cid)]
+
+    def _purge_cmds(self, node_id: str, conn: ConnInfo) -> list[Cmd]:
+        return self._remove_cmds(node_id, conn.client_id, [conn.uid], conn.groups)
 
     # --- writes -----------------------------------------------------------------------
     async def add(self, node_id: str, conn: ConnInfo) -> None:
@@ -269,40 +277,26 @@ class RedisPresence:
                           for i in range(0, len(cids), SCRIPT_CMDS))
         ]
         flat = [h for reply in await execute(client, calls, self.timeout) for h in reply]
-        out = []
-        for cid, h in zip(cids, flat, strict=True):
-            fields = dict(zip(h[::2], h[1::2], strict=True))
-            uid = fields.get(_UID, index[cid]) or None
-            groups = sorted(f[2:] for f in fields if f.startswith(_G))
-            out.append(ConnInfo(cid, uid, groups, _session(fields)))
-        return out
+        return [_conn_info(cid, dict(zip(h[::2], h[1::2], strict=True)), index[cid])
+                for cid, h in zip(cids, flat, strict=True)]  # fmt: skip
 
-    async def _drop_node(self, client: Redis, node_id: str) -> list[ConnInfo] | None:
-        """Remove a node's connections; None when it came back alive meanwhile."""
+    async def _drop_node(self, client: Redis, node_id: str) -> None:
+        """Remove a node's connections (none if it came back alive meanwhile)."""
         conns = await self._read_node(client, node_id)
-        cmds = [cmd for c in conns
-                for cmd in self._remove_cmds(node_id, c.client_id, [c.uid], c.groups)]
-        if await apply(client, cmds, self.timeout, guard=self.names.alive_key(node_id)) is not None:
-            return conns
-        log.warning("node %s came back alive while being purged: left to its resync", node_id)
-        return None
+        cmds = [cmd for c in conns for cmd in self._purge_cmds(node_id, c)]
+        await apply(client, cmds, self.timeout, guard=self.names.alive_key(node_id))
 
-    async def purge_dead(self) -> list[DeadNode]:
-        n, out = self.names, []
-        members = (await self._query(("ZRANGE", n.nodes_key(), 0, -1)))[0]
-        live = set(await self._live_nodes(members))
-        dead = [m for m in members if m not in live]
-        claims = await self._query(*(("EVAL", CLAIM, 2, n.alive_key(d), n.nodes_key(), d)
-                                     for d in dead))
-        for node_id in (d for d, won in zip(dead, claims, strict=True) if won):
-            try:
-                assert self._r is not None
-                conns = await self._drop_node(self._r, node_id)
-            except ERRORS as exc:
-                raise unavailable(exc) from exc
-            if conns is not None:
-                log.info("purged dead node %s (%d connections)", node_id, len(conns))
-                out.append(DeadNode(node_id, conns))
+    async def purge_dead(
+        self, on_batch: OnBatch | None = None, *, lease: float = PURGE_LEASE
+    ) -> list[DeadNode]:
+        if self._r is None:
+            raise PresenceUnavailable("RedisPresence is not started")
+        try:
+            out = await self._purger.run(self._r, on_batch, lease)
+        except ERRORS as exc:  # the lease stays: this or another caller resumes the purge
+            raise unavailable(exc) from exc
+        for dead in out:
+            log.info("purged dead node %s (%d connections)", dead.node_id, len(dead.connections))
         return out
 
     # --- reads ------------------------------------------------------------------------
@@ -351,6 +345,13 @@ class RedisPresence:
         (members,) = await self._query(("ZRANGE", self.names.nodes_key(), 0, -1))
         live = await self._live_nodes(members)
         return [NodeInfo(x, json.loads(v)) for x, v in sorted(live.items())]
+
+
+def _conn_info(cid: str, fields: dict[str, str], index_uid: str) -> ConnInfo:
+    """A connection from its conn hash (and its uid in the node's index, for a hash that a
+    crash left without it)."""
+    groups = sorted(f[2:] for f in fields if f.startswith(_G))
+    return ConnInfo(cid, fields.get(_UID, index_uid) or None, groups, _session(fields))
 
 
 def _session(fields: dict[str, str]) -> dict[str, Any]:

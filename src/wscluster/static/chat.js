@@ -12,19 +12,19 @@ const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
 
 // Where this page was loaded from: "/" on a node, or "/n/2/" behind nginx (pinned to node 2).
 // Fallbacks, tried when that node is gone: nginx's /ws, or the other nodes' ports (nodes.json).
+// The token (JWT clusters) goes in the handshake as a subprotocol, never in a URL (URLs get logged).
 const base = location.pathname.replace(/[^/]*$/, "");
 const wsScheme = location.protocol === "https:" ? "wss:" : "ws:";
-const auth = token ? "?token=" + encodeURIComponent(token) : "";
-const own = `${wsScheme}//${location.host}${base}ws${auth}`;
-const client = new WsclusterClient(base === "/" ? [own] : [own, `${wsScheme}//${location.host}/ws${auth}`],
-  { maxHandshakeRetries: 30 }); // a few minutes: a browser sees a refused handshake only as 1006
+const own = `${wsScheme}//${location.host}${base}ws`;
+const client = new WsclusterClient(base === "/" ? [own] : [own, `${wsScheme}//${location.host}/ws`],
+  { maxHandshakeRetries: 30, handshakeToken: token || undefined }); // a few minutes: a browser sees a refused handshake only as 1006
 const convs = new Map(); // key ("room:x", "dm:bob", "system") -> conversation
 let me = null, current = null, toastTimer = 0;
 let byToken = false; // me comes from the token (the welcome), not from a login by name
 let welcomed = false, lostNoted = false; // a welcome since the last drop; its loss was noted
 let refused = null; // why the cluster refused this page (it needs a token), once known
 const loadNodes = nodeChooser({
-  client, base, own, wsScheme, auth, token, identity: () => ({ me, byToken }), rooms: () => savedRooms(),
+  client, base, own, wsScheme, token, identity: () => ({ me, byToken }), rooms: () => savedRooms(),
   positions: () => (me ? tabPositions(me, client.positions()) : ""),
 });
 const { watchRoom, unwatch, refreshRoom, renderOnline } = roomWatcher({
@@ -199,6 +199,12 @@ function keepPositions() { // soon, not on every message; and when the page goes
 for (const event of ["message", "recovered", "gap"]) client.on(event, keepPositions);
 addEventListener("pagehide", () => { if (me && refused === null) savePositions(me, client.positions()); });
 
+client.on("left", (f) => { // a new token no longer allows the room: the node took us out
+  const c = convs.get("room:" + f.group);
+  if (c) add(c, { kind: "note", text: "you were removed from this room (your access to it ended)" });
+  saveRooms(roomNames().filter((r) => r !== f.group));
+  toast(`removed from room ${f.group}`);
+});
 client.on("presence", (f) => {
   const c = convs.get("room:" + f.group);
   if (c) watchRoom(c);
@@ -206,14 +212,16 @@ client.on("presence", (f) => {
 
 // A refused handshake reaches a browser only as close code 1006. When an attempt on this page's
 // own origin fails before its welcome, ask the same URL over plain HTTP why: a node answers
-// 401 with the reason when it needs a token (a bad one, or none).
+// 401 with the reason when it needs a token (a bad one, or none). The token goes in the
+// Authorization header (a page cannot send a Sec-WebSocket-Protocol header with fetch).
 let probing = false;
 async function diagnose(url) {
   const http = url.replace(/^ws/, "http");
   if (probing || refused !== null || new URL(http).host !== location.host) return;
   probing = true;
   try {
-    const res = await fetch(http, { cache: "no-store" });
+    const headers = token ? { Authorization: "Bearer " + token } : {};
+    const res = await fetch(http, { cache: "no-store", headers });
     if (res.status === 401) {
       const body = await res.json().catch(() => ({}));
       needToken(typeof body.error === "string" ? body.error : "unauthorized");
@@ -317,7 +325,9 @@ $("login-form").onsubmit = (ev) => {
 $("token-form").onsubmit = (ev) => {
   ev.preventDefault();
   const value = $("token").value.trim();
-  if (value) location.replace(location.pathname + "?token=" + encodeURIComponent(value));
+  if (!value) return;
+  sessionStorage.setItem("wscluster.token", value); // not in the address: a URL gets logged
+  location.replace(location.pathname);
 };
 $("logout-btn").onclick = () => logout();
 

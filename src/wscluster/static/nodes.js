@@ -4,17 +4,18 @@ import { $, el } from "./view.js";
 
 /**
  * Keep the chooser (and, on a node's own page, the client's fallback URLs) up to date.
- * ctx: {client, base, own, wsScheme, auth, token, identity: () => ({me, byToken}),
+ * ctx: {client, base, own, wsScheme, token, identity: () => ({me, byToken}),
  *   rooms: () => [joined room names], positions: () => "" or the tab's positions (store.js)}.
  * @returns {() => Promise<void>} read the list again now
  */
 export function nodeChooser(ctx) {
-  const { client, base, own, wsScheme, auth, token } = ctx;
+  const { client, base, own, wsScheme, token } = ctx;
   $("node-select").onchange = (ev) => {
     const opt = ev.target.selectedOptions[0];
     if (!opt || !opt.value) return;
-    // another origin has its own storage: what this tab knows goes in the URL (the positions
-    // too, so that the page there resumes where this one is)
+    // another origin has its own storage: what this tab knows goes in the URL's fragment,
+    // which is never sent to a server (the positions too, so that the page there resumes
+    // where this one is)
     location.href = opt.value + (opt.dataset.cross ? carried() : "");
   };
 
@@ -26,7 +27,7 @@ export function nodeChooser(ctx) {
     const rooms = ctx.rooms();
     if (rooms.length) carry.set("rooms", JSON.stringify(rooms));
     if (ctx.positions()) carry.set("positions", ctx.positions());
-    return carry.toString() ? "?" + carry : "";
+    return carry.toString() ? "#" + carry : "";
   }
   // Read again every 30 s; every 3 s at first while a node lists only itself (it may lag).
   let nodesShown = "", nodesTimer = 0, nodesTries = 0;
@@ -49,11 +50,11 @@ export function nodeChooser(ctx) {
     for (const n of list) {
       if (typeof n.path === "string") { // same origin: sessionStorage carries the name and rooms
         options.push({ label: String(n.label), href: n.path, here: base === n.path });
-      } else if (Number.isInteger(n.port)) { // another origin: name, rooms, token go in the URL
+      } else if (Number.isInteger(n.port)) { // another origin: name, rooms, token go in the fragment
         const here = String(n.port) === location.port;
         const href = `${location.protocol}//${location.hostname}:${n.port}/`;
         options.push({ label: String(n.label), href, here, cross: true });
-        if (!here) others.push(`${wsScheme}//${location.hostname}:${n.port}/ws${auth}`);
+        if (!here) others.push(`${wsScheme}//${location.hostname}:${n.port}/ws`);
       }
     }
     if (base === "/" && others.length) client.urls = [own, ...others]; // when this node is gone

@@ -7,17 +7,21 @@ const LOBBY = "lobby";
 const TAB_POSITIONS = "wscluster.positions"; // {name, positions} of this tab
 const positionsKey = (name) => "wscluster.positions." + name;
 
-// ?name=, ?rooms=, ?positions= (the node chooser passes them to another origin) and ?token=
-// (a JWT) go to sessionStorage and out of the address bar, so a reload uses the latest name.
+// name=, rooms=, positions= (the node chooser passes them to another origin) and token= (a
+// JWT), in the fragment (#token=…: never sent to a server, so never in its logs) or the query,
+// go to sessionStorage and out of the address bar, so a reload uses the latest name.
 const params = new URLSearchParams(location.search);
-export const token = params.get("token") || sessionStorage.getItem("wscluster.token");
-export const givenName = params.get("name") || sessionStorage.getItem("wscluster.name");
+const fragment = new URLSearchParams(location.hash.slice(1));
+const given = (p) => fragment.get(p) || params.get(p);
+export const token = given("token") || sessionStorage.getItem("wscluster.token");
+export const givenName = given("name") || sessionStorage.getItem("wscluster.name");
 const carried = { token: "wscluster.token", rooms: "wscluster.rooms", positions: TAB_POSITIONS };
-for (const [param, key] of Object.entries(carried)) if (params.get(param)) sessionStorage.setItem(key, params.get(param));
-if (["name", ...Object.keys(carried)].some((p) => params.has(p))) {
-  ["name", ...Object.keys(carried)].forEach((p) => params.delete(p));
-  const rest = params.toString();
-  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+for (const [param, key] of Object.entries(carried)) if (given(param)) sessionStorage.setItem(key, given(param));
+const names = ["name", ...Object.keys(carried)];
+if (names.some((p) => params.has(p) || fragment.has(p))) {
+  names.forEach((p) => { params.delete(p); fragment.delete(p); });
+  const [rest, hash] = [params.toString(), fragment.toString()];
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + (hash ? "#" + hash : ""));
 }
 
 /** Forget what this tab keeps (logged out). */

@@ -11,7 +11,8 @@ The whole query becomes ``conn.state["query"]``. A ``record`` frame does ``RPUSH
 
 Needs ``RECORDER_REDIS_URL`` in the environment; on_close does ``RPUSH
 <namespace>:test:closed <json>`` for every ``Closed`` it receives, with the pid of the
-node process that fired it.
+node process that fired it. ``RECORDER_DEAD_CLOSE_DELAY=S`` makes on_close take S seconds
+for the connections of a dead node (they carry no state, so no query either).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ async def message(conn: Conn, frame: dict[str, Any]) -> Any:
 @app.on_close
 async def close(closed: Closed) -> None:
     delay = closed.state.get("query", {}).get("close_delay")
+    if closed.node_died:
+        delay = os.environ.get("RECORDER_DEAD_CLOSE_DELAY")
     if delay:
         await asyncio.sleep(float(delay))  # e.g. a database write
     record = {
