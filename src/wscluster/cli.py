@@ -13,17 +13,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from . import gctune, nginx
-from .config import NodeConfig
+from . import __version__, gctune, nginx
+from .config import NodeConfig, _loopback
+from .preflight import BROKER_SCHEMES, busy_port, redact, wait_reachable
 
 if TYPE_CHECKING:
     from .app import App
-    from .cluster import Cluster
     from .workers import Supervisor
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+BROKER_HELP = "broker URL: " + ", ".join(f"{s}://" for s in BROKER_SCHEMES)
+_SECRETS = frozenset({"jwt_secret", "api_key"})  # never shown, even when set in the environment
+log = logging.getLogger("wscluster.cli")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and d is not None and d is not False and d != ()
+                and d is not argparse.SUPPRESS and "default" not in text
+                and action.dest not in _SECRETS):  # fmt: skip
+            text += " (default: %(default)s)"
+        return text
 
 
 def _env(name: str, default: Any) -> Any:
@@ -40,18 +54,25 @@ def _add(p: argparse.ArgumentParser, name: str, default: Any, kind: Any = str, *
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wscluster", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"wscluster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = NodeConfig()
-    s = sub.add_parser("serve", help="run one gateway node")
-    _add(s, "host", d.host)
-    _add(s, "port", d.port, int)
-    _add(s, "api-host", d.api_host)
-    _add(s, "api-port", None, int, help="default: port + 1000")
-    _add(s, "broker", DEFAULT_BROKER, help="redis://host:port/db or memory://")
-    _add(s, "presence", None, help="presence store URL (default: the broker URL)")
-    _add(s, "namespace", d.namespace)
-    _add(s, "node-name", None)
+    s = sub.add_parser("serve", help="run one gateway node", formatter_class=_Help)
+    _add(s, "host", d.host, help="address of the public (WebSocket) port")
+    _add(s, "port", d.port, int, help="public port: WebSockets, the page, /healthz")
+    _add(s, "api-host", d.api_host, help="address of the HTTP API port")
+    _add(s, "api-port", None, int, help="HTTP API port (default: port + 1000)")
+    _add(s, "broker", DEFAULT_BROKER, help=BROKER_HELP)
+    _add(s, "broker-timeout", d.broker_timeout, float,
+         help="seconds to wait for the broker at start before exiting 1")
+    s.add_argument("--wait-for-broker", action="store_true", default=_flag("wait-for-broker"),
+                   help="at start, wait for the broker for ever (logging each retry)")  # fmt: skip
+    _add(s, "presence", None, help="presence store URL: redis://, rediss://, unix:// or "
+         "memory:// (default: the broker URL)")
+    _add(s, "namespace", d.namespace, help="prefix of the cluster's channels and keys")
+    _add(s, "node-name", None, help="name in node ids (default: <host name>:<port>)")
+    _add(s, "node-id", None, help=argparse.SUPPRESS)  # `up`: the exact id, to recognize it
     s.add_argument("--anonymous", action="store_true", default=_flag("anonymous"),
                    help="accept any client; `login` takes a uid")  # fmt: skip
     _add(s, "jwt-secret", None, help="HS256 secret: clients need a token signed with it")
@@ -70,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
          "(Authorization: Bearer KEY); required when --api-host is not a loopback address")
     s.add_argument("--api-insecure", action="store_true", default=_flag("api-insecure"),
                    help="serve the API on a non-loopback --api-host without --api-key")  # fmt: skip
-    _add(s, "max-connections", d.max_connections, int)
-    _add(s, "max-message-size", d.max_message_size, int)
+    _add(s, "max-connections", d.max_connections, int, help="WebSocket connections at once")
+    _add(s, "max-message-size", d.max_message_size, int, help="bytes of one client message")
     _add(s, "max-frame-size", d.max_frame_size, int,
          help="bytes of one frame: over it, close 1009 (between it and --max-message-size: "
          "error too_large)")
@@ -95,10 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "ping-rate", d.ping_rate, float,
          help="pings per second a client may send, WebSocket or app-level (0: no limit)")
     _add(s, "ping-burst", d.ping_burst, int, help="pings allowed in a burst")
-    _add(s, "ping-interval", d.ping_interval, float)
-    _add(s, "node-heartbeat", d.node_heartbeat, float)
-    _add(s, "node-ttl", d.node_ttl, float)
-    _add(s, "drain-timeout", d.drain_timeout, float)
+    _add(s, "ping-interval", d.ping_interval, float, help="seconds between pings to clients")
+    _add(s, "node-heartbeat", d.node_heartbeat, float,
+         help="seconds between this node's presence heartbeats")
+    _add(s, "node-ttl", d.node_ttl, float,
+         help="seconds without a heartbeat after which a node counts as dead")
+    _add(s, "drain-timeout", d.drain_timeout, float,
+         help="seconds SIGTERM gives clients to leave before closing the rest")
     _add(s, "max-publish-queue", d.max_publish_queue, int,
          help="bytes waiting for the broker; above it sends get rate_limited")
     _add(s, "max-inflight", d.max_inflight, int,
@@ -107,28 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
          help="seconds a send/join/login waits for the broker or presence store")
     _add(s, "transport", "asyncio", choices=["asyncio", "aiofastnet"],
          help="socket transport of the public port (measured: see docs/performance.md)")
-    _add(s, "log-level", "INFO")
+    _add(s, "log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR")
     _add(s, "workers", 1, int, help="worker processes (nodes) sharing --port through "
-         "SO_REUSEPORT, worker i with API port api-port+i; 0: one per CPU (default 1)")
+         "SO_REUSEPORT, worker i with API port api-port+i; 0: one per CPU")
     s.add_argument("--reuse-port", action="store_true", default=_flag("reuse-port"),
                    help=argparse.SUPPRESS)  # set by --workers on its workers  # fmt: skip
     _multi(s, "history", "PATTERN=N/Ts: keep the last N messages of matching streams for T "
-           "seconds, e.g. 'group:room:*=1000/300s' (repeatable)")
+           "seconds, e.g. 'group:room:*=1000/300s' (repeatable); written as the cluster's "
+           "rules, 'none' clears them; without it the node follows the cluster's")
     _add(s, "max-replay", d.max_replay, int, help="messages replayed per stream per resume")
     _add(s, "check-interval", d.check_interval, float,
          help="seconds between history position checks and broker liveness probes")
     _multi(s, "outbox-policy", "PATTERN=close|drop-oldest: what a full outbox does to "
            "messages of matching streams (repeatable; default close, with 1013)")
 
-    u = sub.add_parser("up", help="start a local cluster: a broker and N nodes")
-    _add(u, "nodes", 3, int)
-    _add(u, "base-port", 8000, int)
-    _add(u, "host", "127.0.0.1")
-    _add(u, "broker", None, help="use this broker instead of starting an embedded one")
+    u = sub.add_parser("up", help="start a local cluster: a broker and N nodes",
+                       formatter_class=_Help)  # fmt: skip
+    _add(u, "nodes", 3, int, help="node processes")
+    _add(u, "base-port", 8000, int, help="node i listens on base-port+i, its API on +1000")
+    _add(u, "host", "127.0.0.1", help="address of the nodes' public ports")
+    _add(u, "broker", None, help=BROKER_HELP + " (default: start an embedded one)")
     _add(u, "presence", None, help="presence store (default: the broker, or an embedded valkey)")
     u.add_argument("--nats", action="store_true", default=_flag("nats"),
                    help="start an embedded nats-server as the broker")  # fmt: skip
-    _add(u, "namespace", "wsc")
+    _add(u, "namespace", "wsc", help="prefix of the cluster's channels and keys")
     _add(u, "app", None, help="module:attribute of a wscluster.App to run on every node")
     _add(u, "jwt-secret", None, help="HS256 tokens for clients (else anonymous)")
     _add(u, "jwt-public-key", None, help="RS256/ES256 tokens for clients")
@@ -137,12 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(u, "nginx", 0, int, help="also run nginx (nginx-conf's config) in front, on this port")
     _multi(u, "history", "PATTERN=N/Ts history rules for every node (default with Redis: "
            "'group:*=1000/600s' and 'uid:*=1000/3600s'; 'none' for no history)")
-    _add(u, "log-level", "INFO")
+    _add(u, "log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR")
 
     for name, helptext in (("send", "push a message to an address"),
                            ("status", "show the cluster's nodes and connections")):  # fmt: skip
         c = sub.add_parser(name, help=helptext)
-        _add(c, "broker", DEFAULT_BROKER)
+        _add(c, "broker", DEFAULT_BROKER, help=BROKER_HELP)
+        _add(c, "broker-timeout", 10.0, float, help="seconds to wait for the broker")
         _add(c, "presence", None, help="presence store URL (default: the broker URL)")
         _add(c, "namespace", "wsc")
         if name == "send":
@@ -150,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--to", default=to, required=to is None,
                            help="client:<id> | uid:<uid> | group:<g> | all")  # fmt: skip
             c.add_argument("data", help="JSON value (text that is not JSON is sent as a string)")
-            _multi(c, "history", "the nodes' --history rules (so the message gets an offset)")
+            _multi(c, "history", "rules of this sender's own, instead of the cluster's "
+                   "(default: the cluster's, which the nodes hold)")
 
     g = sub.add_parser("nginx-conf", help="print an nginx config for the nodes (conf.d snippet)")
     g.add_argument("--upstream", action="extend", type=_checked(nginx.parse_upstreams),
@@ -209,7 +237,11 @@ async def _serve(config: NodeConfig, app: App | None) -> int:
     from .node import Node
 
     node = Node(config, app)
-    await node.start()
+    try:
+        await node.start()
+    except OSError as exc:  # a port taken since the preflight
+        print(f"wscluster serve: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     gctune.tune()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -232,7 +264,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if config.jwt:
             from .gate import make_verifier
 
-            make_verifier(config)  # a bad key file fails here, before anything starts
+            try:
+                make_verifier(config)  # a bad key file fails here, before anything starts
+            except OSError as exc:
+                raise ValueError(f"--jwt-public-key {config.jwt_public_key}: "
+                                 f"{exc.strerror or exc}") from None  # fmt: skip
         if workers > 1:
             from .workers import Supervisor
 
@@ -240,11 +276,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         print(f"wscluster serve: {exc}", file=sys.stderr)
         return 2
+    problem = _preflight(config, workers)
+    if problem is not None:
+        print(f"wscluster serve: {problem}", file=sys.stderr)
+        return 1
+    if config.anonymous and not _loopback(config.host):
+        log.warning("--anonymous on %s: anyone who reaches port %d can connect and log in as "
+                    "any uid (use JWTs, or --host 127.0.0.1 for a local test)",
+                    config.host, config.port)  # fmt: skip
     if supervisor is not None:  # --workers N: this process only runs the N nodes
         return supervisor.run()
     import uvloop
 
     return uvloop.run(_serve(config, app))
+
+
+def _preflight(config: NodeConfig, workers: int) -> str | None:
+    """Why the node cannot start (a port taken, the broker not there), else None."""
+    api = config.effective_api_port
+    taken = busy_port([(config.host, config.port)], reuse_port=config.reuse_port)
+    taken = taken or busy_port([(config.api_host, api + i) for i in range(max(workers, 1))])
+    if taken is not None:
+        return taken
+    urls = [("--broker", config.broker)]
+    if config.presence is not None and config.presence != config.broker:
+        urls.append(("--presence", config.presence))
+    for option, url in urls:
+        why = wait_reachable(url, config.broker_timeout, forever=config.wait_for_broker)
+        if why is not None:
+            return (f"{option} {redact(url)} is not reachable after {config.broker_timeout:g} s "
+                    f"({why}); or pass --wait-for-broker to wait for it")
+    return None
 
 
 def load_app_spec(spec: str | None) -> App | None:
@@ -255,54 +317,6 @@ def load_app_spec(spec: str | None) -> App | None:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # `--app myapp:app` finds ./myapp.py, as uvicorn does
     return load_app(spec)
-
-
-def _cluster(args: argparse.Namespace) -> Cluster:
-    from .cluster import Cluster
-
-    history: tuple[str, ...] = tuple(
-        getattr(args, "history", None) or getattr(args, "history_env", None) or ()
-    )
-    return Cluster(args.broker, namespace=args.namespace, presence_url=args.presence,
-                   history=history)  # fmt: skip
-
-
-async def _send(args: argparse.Namespace) -> int:
-    from .errors import BrokerUnavailable, ProtocolError
-
-    try:
-        data = msgspec.json.decode(args.data)
-    except msgspec.DecodeError:
-        data = args.data
-    async with _cluster(args) as cluster:
-        try:
-            await cluster.send(args.to, data)
-        except ProtocolError as exc:
-            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-            return 2
-        except BrokerUnavailable as exc:
-            print(f"error: unavailable: {exc}", file=sys.stderr)
-            return 1
-    print(f"sent to {args.to}")
-    return 0
-
-
-async def _status(args: argparse.Namespace) -> int:
-    from .errors import BrokerUnavailable, PresenceUnavailable
-
-    async with _cluster(args) as cluster:
-        try:
-            stats = await cluster.stats()
-        except (BrokerUnavailable, PresenceUnavailable) as exc:
-            print(f"error: unavailable: {exc}", file=sys.stderr)
-            return 1
-    print(f"{'node':<40} {'connections':>11} {'ws port':>8} {'api port':>8}  broker")
-    for n in stats["nodes"]:
-        broker = "up" if n.get("broker_connected") else "DOWN"
-        ports = f"{n.get('ws_port', '-'):>8} {n.get('api_port', '-'):>8}"
-        print(f"{n['node']:<40} {n['connections']:>11} {ports}  {broker}")
-    print(f"{len(stats['nodes'])} nodes, {stats['connections']} connections")
-    return 0
 
 
 def cmd_nginx_conf(args: argparse.Namespace) -> int:
@@ -340,5 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.log_level)
         return cmd_up(args)
     _setup_logging("WARNING")
-    runner = _send if args.command == "send" else _status
-    return asyncio.run(runner(args))
+    from .oneshot import run
+
+    return asyncio.run(run(args))

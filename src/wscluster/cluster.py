@@ -9,7 +9,9 @@ holding a socket. ``Cluster`` is asyncio; ``SyncCluster`` wraps it for Django/Fl
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -19,8 +21,8 @@ from . import envelope
 from .broker import create_broker
 from .broker.base import Broker, HistoryBroker
 from .control import ControlClient
-from .errors import Code, ProtocolError, bad_request
-from .history import Rules
+from .errors import Code, PresenceUnavailable, ProtocolError, bad_request
+from .history import Position, Rules, position
 from .naming import Names, node_of_client
 from .presence import create_presence
 from .presence.base import NodeInfo, Presence
@@ -28,6 +30,7 @@ from .routing import Address, Kind, channel_for, check_name, is_utf8, parse_addr
 
 T = TypeVar("T")
 KICK = 4001
+log = logging.getLogger("wscluster.cluster")
 
 
 class Cluster:
@@ -41,12 +44,19 @@ class Cluster:
         max_session_size: int = 16 * 1024,
         timeout: float = 5.0,
         history: Sequence[str] = (),
+        check_interval: float = 5.0,
     ) -> None:
-        """``history``: the nodes' ``--history`` rules, so that messages sent from here to
-        those streams get offsets and are kept (they must be the same everywhere)."""
+        """Messages to a stream with one of the cluster's history rules (the nodes keep them
+        in the presence store; read at start and again every ``check_interval`` seconds) are
+        stored and get an offset. ``history``: rules of this publisher's own, which replace
+        the cluster's for its publishes (``["none"]``: store nothing)."""
         self.names = Names(namespace)
         self.broker: Broker = create_broker(broker_url)
-        self.history = _history_rules(self.broker, history)
+        self._own: Rules | None = _history_rules(self.broker, history) if history else None
+        self.history = self._own or Rules()
+        self.check_interval, self._follow = check_interval, True
+        self._rules_at: float | None = None  # monotonic time of the last read of the rules
+        self._reading: asyncio.Future[None] | None = None
         presence_url = presence_url or broker_url
         if not presence_url.startswith(("redis", "unix", "memory")):
             raise ValueError("the presence store needs Redis: pass presence_url='redis://…'")
@@ -67,7 +77,10 @@ class Cluster:
         passes control replies to ``control.on_reply``)."""
         self = cls.__new__(cls)
         self.names, self.broker, self.presence = names, broker, presence
-        self.history = _history_rules(broker, history)
+        self._own = _history_rules(broker, history) if history else None
+        self.history = self._own or Rules()
+        self.check_interval, self._follow = 0.0, False  # the node refreshes them (rules.py)
+        self._rules_at, self._reading = None, None
         self.max_message_size, self.max_session_size = max_message_size, max_session_size
         self.control = ControlClient(broker, names, timeout)
         self._owned, self._started, self._lock = False, True, asyncio.Lock()
@@ -103,27 +116,65 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    # --- the cluster's history rules --------------------------------------------------
+    def adopt_rules(self, specs: Sequence[str]) -> bool:
+        """Follow these cluster rules (unless this publisher has its own): True if changed."""
+        if self._own is not None or not hasattr(self.broker, "append_nowait"):
+            return False
+        if tuple(specs) == self.history.specs:
+            return False
+        self.history = Rules(tuple(specs))
+        return True
+
+    async def refresh_rules(self) -> None:
+        """Read the cluster's rules now (a store that does not answer: keep the last ones)."""
+        try:
+            stored = await self.presence.history_rules()
+            if stored is not None:
+                self.adopt_rules(stored)
+        except (PresenceUnavailable, ValueError, OSError) as exc:
+            log.warning("could not read the cluster's history rules: %s", exc)
+        finally:
+            self._rules_at, self._reading = time.monotonic(), None
+
+    async def _rules_fresh(self) -> None:
+        """Read the rules before the first publish and once per ``check_interval`` (sends
+        that come meanwhile wait for the read, and keep their order)."""
+        if self._own is not None or not self._follow:
+            return  # own rules, or attached to a node, which refreshes them (rules.py)
+        at = self._rules_at
+        if self._reading is None and (at is None or time.monotonic() - at >= self.check_interval):
+            self._reading = asyncio.ensure_future(self.refresh_rules())
+        if self._reading is not None:
+            await asyncio.shield(self._reading)
+
     # --- pushing ---------------------------------------------------------------------
-    async def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> None:
+    async def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> Position | None:
         """Deliver ``data`` (any JSON value) to an address as a ``message`` frame with
-        ``from: null``. Raises ProtocolError (bad_request, too_large) or BrokerUnavailable."""
+        ``from: null``. Returns the message's ``Position(epoch, offset)`` when it was stored
+        (a stream with a history rule), else None. Raises ProtocolError (bad_request,
+        too_large) or BrokerUnavailable."""
         try:
             raw = msgspec.json.encode(data)
         except (TypeError, ValueError, msgspec.EncodeError) as exc:  # incl. not UTF-8
             raise bad_request(f"data is not JSON-serializable: {exc}") from None
-        await self.send_json(to, raw, exclude=exclude)
+        return await self.send_json(to, raw, exclude=exclude)
 
-    async def send_json(self, to: str, data: bytes, *, exclude: Iterable[str] = ()) -> None:
+    async def send_json(
+        self, to: str, data: bytes, *, exclude: Iterable[str] = ()
+    ) -> Position | None:
         """Like ``send`` with ``data`` already encoded as JSON (not re-encoded)."""
         address = parse_address(to)
         if len(data) > self.max_message_size:
             raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
         frame = envelope.message_frame(address, msgspec.Raw(data), None)
-        await self._deliver(address, envelope.deliver(address, frame, exclude=_ids(exclude)))
+        return await self._deliver(
+            address, envelope.deliver(address, frame, exclude=_ids(exclude))
+        )
 
     async def send_verbatim(
         self, to: str, payload: bytes, *, binary: bool = False, exclude: Iterable[str] = ()
-    ) -> None:
+    ) -> Position | None:
         """Push ``payload`` to the receivers exactly as given (an application's own wire
         format); ``binary`` sends it as a binary WebSocket frame."""
         address = parse_address(to)
@@ -131,7 +182,7 @@ class Cluster:
             raise bad_request("a verbatim payload is bytes")
         if len(payload) > self.max_message_size:
             raise ProtocolError(Code.TOO_LARGE, f"over {self.max_message_size} bytes")
-        await self._deliver(
+        return await self._deliver(
             address, envelope.deliver(address, payload, exclude=_ids(exclude), binary=binary)
         )
 
@@ -148,13 +199,15 @@ class Cluster:
         await self.start()
         await self.broker.publish(channel, payload)
 
-    async def _deliver(self, address: Address, payload: bytes) -> None:
+    async def _deliver(self, address: Address, payload: bytes) -> Position | None:
         await self.start()
-        await self.publish_nowait(address, payload)
+        await self._rules_fresh()
+        return position(await self.publish_nowait(address, payload))
 
     def publish_nowait(self, address: Address, payload: bytes) -> asyncio.Future[Any]:
         """Publish a DELIVER envelope to an address: through the history store when a
-        ``history`` rule matches it (the message gets an offset), in publish order."""
+        ``history`` rule matches it (the message gets an offset), in publish order. The
+        future's result gives the position (``history.position``)."""
         channel = channel_for(self.names, address)
         rule = self.history.match(str(address)) if self.history else None
         if rule is None:
@@ -275,8 +328,8 @@ class SyncCluster:
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> None:
-        self._run(self._cluster.send(to, data, exclude=exclude))
+    def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> Position | None:
+        return self._run(self._cluster.send(to, data, exclude=exclude))
 
     def close(self, to: str, code: int = KICK) -> None:
         self._run(self._cluster.close(to, code))
@@ -337,7 +390,7 @@ class SyncCluster:
 
 
 def _history_rules(broker: Broker, specs: Sequence[str]) -> Rules:
-    rules = Rules(tuple(specs))
+    rules = Rules(tuple(specs))  # ("none",): no rules
     if rules and not hasattr(broker, "append_nowait"):
         raise ValueError("history (--history) needs a Redis broker")
     return rules

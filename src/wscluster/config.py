@@ -17,7 +17,8 @@ class NodeConfig:
     broker: str = "redis://127.0.0.1:6379/0"
     presence: str | None = None  # default: the broker URL
     namespace: str = "wsc"
-    node_name: str | None = None  # default: host:port
+    node_name: str | None = None  # default: <host name>:<port>
+    node_id: str | None = None  # the exact node id (`up` sets it to recognize its nodes)
     anonymous: bool = False
     jwt_secret: str | None = None  # HS256
     jwt_public_key: str | None = None  # path to a PEM file: RS256 (RSA) or ES256 (EC P-256)
@@ -65,11 +66,18 @@ class NodeConfig:
     max_replay: int = 1000  # messages replayed per stream per resume
     check_interval: float = 5.0  # seconds: history position check and broker liveness probe
     outbox_policy: tuple[str, ...] = ()  # PATTERN=close|drop-oldest rules (outbox.py)
+    broker_timeout: float = 10.0  # seconds serve waits for the broker at start, then exits 1
+    wait_for_broker: bool = False  # wait for the broker at start for ever
     reuse_port: bool = False  # SO_REUSEPORT on the public port: set for --workers' workers
 
     @property
     def effective_api_port(self) -> int:
         return self.api_port if self.api_port is not None else self.port + 1000
+
+    @property
+    def default_name(self) -> str:
+        """``--node-name``, else ``<host name>:<port>`` (not the listening address)."""
+        return self.node_name or f"{socket.gethostname()}:{self.port}"
 
     @property
     def presence_url(self) -> str:
@@ -121,12 +129,19 @@ class NodeConfig:
             raise ValueError("--send-rate-bytes must be >= 0 and --send-burst-bytes >= 1")
         if self.fragment_timeout < 0:
             raise ValueError("--fragment-timeout must be >= 0 (0: no limit)")
+        from .preflight import PRESENCE_SCHEMES, check_url
+
+        check_url("--broker", self.broker)  # first: a typo there is not a presence problem
+        if self.presence is not None:
+            check_url("--presence", self.presence, PRESENCE_SCHEMES)
         scheme = self.presence_url.partition("://")[0].lower()
-        if scheme not in ("redis", "rediss", "unix", "memory"):
+        if scheme not in PRESENCE_SCHEMES:
             raise ValueError(
                 f"the presence store needs Redis: with --broker {scheme}://... "
                 "also pass --presence redis://host:port/db"
             )
+        if self.broker_timeout <= 0:
+            raise ValueError("--broker-timeout must be a positive number of seconds")
         if self.node_ttl <= self.node_heartbeat:
             raise ValueError("--node-ttl must be larger than --node-heartbeat")
         if self.max_message_size > self.max_frame_size:
@@ -138,8 +153,8 @@ class NodeConfig:
         if self.history:
             from .history import Rules
 
-            Rules(self.history)  # raises ValueError naming the bad rule
-            if self.broker.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+            rules = Rules(self.history)  # raises ValueError naming the bad rule ('none': ok)
+            if rules and self.broker.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
                 raise ValueError("--history needs a Redis broker (the append and the publish "
                                  "are one script on Redis)")  # fmt: skip
         if self.outbox_policy:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import envelope, frames
+from . import envelope, frames, history
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .gateway.connection import Connection
 from .policy import Action
@@ -116,12 +116,13 @@ class Handlers:
         conn.sending()
         frame_id = cmd.id
 
-        def done(f: asyncio.Future[None]) -> None:
+        def done(f: asyncio.Future[Any]) -> None:
             conn.sent()
             exc = f.exception() if not f.cancelled() else BrokerUnavailable("cancelled")
             if exc is None:
                 node.metrics.published.inc()
-                conn.ack(frame_id)
+                pos = history.position(f.result())  # stored: the ack says where
+                conn.ack(frame_id, **(pos.as_dict() if pos is not None else {}))
             elif isinstance(exc, BrokerUnavailable):
                 conn.error(frame_id, Code.UNAVAILABLE, "broker unavailable")
             else:

@@ -54,14 +54,45 @@ def parse_rule(text: str) -> Rule:
     return Rule(pattern, keep, ttl)
 
 
+NONE = "none"  # ``--history none``: no rules (a node clears the cluster's)
+
+
+def specs_of(specs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The rule texts of a ``--history`` list, stripped; ``none`` alone stands for none."""
+    clean = tuple(s.strip() for s in specs)
+    return () if clean == (NONE,) else clean
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stored message went: its stream's epoch and its offset in it."""
+
+    epoch: str
+    offset: int
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+def position(reply: object) -> Position | None:
+    """The position in the append script's reply (``[offset, epoch]``), else None (a plain
+    publish: not stored)."""
+    if isinstance(reply, list | tuple) and len(reply) == 2:
+        epoch = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        return Position(epoch, int(reply[0]))
+    return None
+
+
 class Rules:
     """The ordered ``--history`` rules; ``match`` is cached (the hot path asks per message)."""
 
-    __slots__ = ("_table", "rules")
+    __slots__ = ("_table", "rules", "specs")
 
     def __init__(self, specs: tuple[str, ...] | list[str] = ()) -> None:
+        specs = specs_of(specs)
         if len(specs) > MAX_RULES:
             raise ValueError(f"at most {MAX_RULES} --history rules")
+        self.specs = specs
         self.rules = tuple(parse_rule(s) for s in specs)
         self._table: FirstMatch[Rule | None] = FirstMatch(
             [(r.pattern, r) for r in self.rules], None

@@ -99,3 +99,7 @@ class Names:
     def history_meta_key(self, stream: str) -> str:
         """Hash of a history-enabled address: ``o`` last offset, ``e`` epoch."""
         return f"{self.ns}:hm:{stream}"
+
+    def history_rules_key(self) -> str:
+        """String, no TTL: the cluster's ``--history`` rules as a JSON list (presence)."""
+        return f"{self.ns}:history-rules"

@@ -17,6 +17,7 @@ from .admit import Admission
 from .app import App, load_app
 from .broker import create_broker
 from .cluster import Cluster
+from .cluster_rules import ClusterRules
 from .config import NodeConfig
 from .drain import drain_connections
 from .errors import BrokerUnavailable, PresenceUnavailable
@@ -51,7 +52,7 @@ class Node:
         config.validate()
         self.config = config
         self.names = Names(config.namespace)
-        self.node_id = new_node_id(config.node_name or f"{config.host}:{config.port}")
+        self.node_id = config.node_id or new_node_id(config.default_name)
         self.metrics = Metrics(self.node_id)
         self.registry: Registry[Connection] = Registry()
         self.broker = create_broker(config.broker)
@@ -60,10 +61,10 @@ class Node:
         self.cluster = Cluster.attach(
             self.broker, self.presence, self.names, max_message_size=config.max_message_size,
             max_session_size=config.max_session_size, timeout=config.request_timeout,
-            history=config.history,
         )  # fmt: skip
         self.streams: Streams | None = None
-        if self.cluster.history:
+        self.rules = ClusterRules(self)  # the cluster's history rules, followed
+        if self.rules.enabled:
             from .broker.redis_history import RedisHistory
 
             store = RedisHistory(config.broker, self.names, config.request_timeout)
@@ -112,6 +113,7 @@ class Node:
             log.warning("broker unavailable at start: %s; retrying in the background",
                         _redact(self.config.broker))  # fmt: skip
         await self.presence.start()
+        await self.rules.start()
         await self.heartbeat.once()
         self._heartbeat_task = asyncio.create_task(self.heartbeat.run())
         self._liveness_task = asyncio.create_task(self.liveness.run())
@@ -134,6 +136,7 @@ class Node:
 
     async def stop(self) -> None:
         self.draining = True
+        self.rules.stop()
         for task in (self._heartbeat_task, self._liveness_task):
             if task is not None:
                 task.cancel()
@@ -335,6 +338,8 @@ class Node:
             return False, "broker unreachable"
         if self.liveness.degraded is not None:
             return False, f"degraded: {self.liveness.degraded}"
+        if not self.rules.written:
+            return False, "history rules not yet written to the presence store"
         if time.monotonic() - self.heartbeat.ok_at > self.config.node_ttl / 2:
             return False, "presence store unreachable"
         return True, "ok"

@@ -56,14 +56,24 @@ class Streams:
     def __init__(self, node: Node, store: RedisHistory) -> None:
         self.node = node
         self.store = store
-        self.rules = node.cluster.history
         self.state: dict[str, StreamState] = {}
         self.buffers: dict[str, dict[str, list[Buffered]]] = {}  # cid -> stream -> buffer
         self.floors: dict[str, dict[str, tuple[str, int]]] = {}  # cid -> stream -> position
         self._check_from = 0  # where the next position check starts, on a node with many
 
+    @property
+    def rules(self) -> history.Rules:
+        """The rules in force: the cluster's, which change (cluster_rules.py)."""
+        return self.node.cluster.history
+
     def tracked(self, stream: str) -> bool:
         return self.rules.match(stream) is not None
+
+    def retain(self) -> None:
+        """The rules changed: stop tracking the streams they no longer keep (a message
+        stored anyway, by a publisher with rules of its own, starts tracking again)."""
+        for stream in [s for s in self.state if not self.tracked(s)]:
+            del self.state[stream]
 
     # --- live messages ---------------------------------------------------------------
     def on_message(self, payload: bytes) -> None:

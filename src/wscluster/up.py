@@ -4,6 +4,7 @@ stopped as a whole with Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -21,22 +22,40 @@ from .embedded import (
     die_with_parent,
 )
 from .localnginx import LocalNginx
+from .naming import new_node_id
+from .preflight import PRESENCE_SCHEMES, busy_port, check_url, redact, wait_reachable
 
 log = logging.getLogger("wscluster.up")
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], node_id: str, timeout: float) -> bool:
+    """Whether the node ``node_id`` (ours, not another process on its port) answers healthy
+    at ``url`` within ``timeout`` seconds while ``proc`` runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and json.loads(resp.read()).get("node") == node_id:
                     return True
-        except OSError:
+        except (OSError, ValueError, AttributeError):
             pass
         time.sleep(0.1)
     return False
+
+
+def _preflight(args: argparse.Namespace) -> str | None:
+    """A usage mistake (exit 2) or a port taken (exit 1) found before anything starts."""
+    if args.broker is not None:
+        check_url("--broker", args.broker)
+    if args.presence is not None:
+        check_url("--presence", args.presence, PRESENCE_SCHEMES)
+    ports = [(args.host, args.base_port + i) for i in range(1, args.nodes + 1)]
+    ports += [("127.0.0.1", args.base_port + i + 1000) for i in range(1, args.nodes + 1)]
+    if args.nginx:
+        ports.append((args.host, args.nginx))
+    return busy_port(ports)
 
 
 def _embedded(server: ChildServer, started: list[ChildServer]) -> str:
@@ -69,9 +88,19 @@ def _auth(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         auth_args, auth_env = _auth(args)
+        taken = _preflight(args)
     except ValueError as exc:
         print(f"wscluster up: {exc}", file=sys.stderr)
         return 2
+    if taken is not None:
+        print(f"wscluster up: {taken} (another cluster? pass --base-port)", file=sys.stderr)
+        return 1
+    for option, url in (("--broker", args.broker), ("--presence", args.presence)):
+        why = wait_reachable(url, 10.0, fail_on_refused=True) if url is not None else None
+        if why is not None:
+            print(f"wscluster up: {option} {redact(url)} is not reachable ({why})",
+                  file=sys.stderr)  # fmt: skip
+            return 1
     if args.app is not None:
         from .cli import load_app_spec
 
@@ -93,6 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             server.cleanup()
         return 1
     procs: list[subprocess.Popen[bytes]] = []
+    ids = [new_node_id(f"node{i}") for i in range(1, args.nodes + 1)]
     front: LocalNginx | None = None
     stopping = False
 
@@ -111,7 +141,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "--host", args.host, "--port", str(port), "--api-port", str(port + 1000),
                 "--broker", broker, "--namespace", args.namespace,
                 *(["--presence", presence] if presence else []),
-                "--node-name", f"node{i}", "--log-level", args.log_level,
+                "--node-name", f"node{i}", "--node-id", ids[i - 1],
+                "--log-level", args.log_level,
                 *(["--app", args.app] if args.app else []),
                 *(a for rule in history for a in ("--history", rule)),
             ]  # fmt: skip
@@ -119,7 +150,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent, env=env))
         for i, proc in enumerate(procs, 1):
             health = f"http://{args.host}:{args.base_port + i}/healthz"
-            if not _wait_healthy(health, proc, 15):
+            if not _wait_healthy(health, proc, ids[i - 1], 15):
                 print(f"wscluster up: node {i} did not become healthy", file=sys.stderr)
                 return 1
         if args.nginx:

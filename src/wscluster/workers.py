@@ -32,7 +32,8 @@ BOOT_FAILURES = 3  # ...and this many such failures in a row stop the supervisor
 HEALTHY_RUN = 60.0  # seconds: a worker that ran this long restarts without delay
 STOP_MARGIN = 5.0  # seconds after --drain-timeout before the workers still running are killed
 _POLL = 0.1
-_SET_PER_WORKER = frozenset({"workers", "reuse_port", "port", "api_port", "node_name"})
+_SET_PER_WORKER = frozenset({"workers", "reuse_port", "port", "api_port", "node_name",
+                             "node_id"})
 
 
 def _serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -108,7 +109,7 @@ class Supervisor:
         self.config = config
         base = [sys.executable, "-m", "wscluster", "serve", *passed_options(args, parser),
                 "--workers=1", "--reuse-port", f"--port={config.port}"]  # fmt: skip
-        prefix = config.node_name or f"{config.host}:{config.port}"
+        prefix = config.default_name
         self.workers: list[_Worker] = []
         for i in range(n):
             name = f"{prefix}/w{i}"

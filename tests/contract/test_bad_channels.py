@@ -100,10 +100,10 @@ async def test_redis_history_append_with_a_bad_key_fails_alone(
         good1 = pub.append_nowait(ch, meta, stream, b"1", 10, 60_000, 60_000)
         bad = pub.append_nowait(ch, c.ch(f"hm{BAD}"), c.ch(f"hs{BAD}"), b"x", 10, 60_000, 60_000)
         good2 = pub.append_nowait(ch, meta, stream, b"2", 10, 60_000, 60_000)
-        assert await good1 == 1
+        assert (await good1)[0] == 1
         with pytest.raises(BrokerUnavailable):
             await bad
-        assert await good2 == 2
+        assert (await good2)[0] == 2
         assert pub.connected and inbox.states == [True]
     finally:
         await c.aclose()

@@ -97,7 +97,7 @@ class HistoryBroker(Broker, Protocol):
         ttl_ms: int, meta_ttl_ms: int,
     ) -> asyncio.Future[Any]:  # fmt: skip
         """Like ``publish_nowait``, and the message gets the stream's next offset; the future
-        resolves with it once the store accepted both."""
+        resolves with ``[offset, epoch]`` once the store accepted both."""
         ...
 
     def restart_subscriber(self) -> None:

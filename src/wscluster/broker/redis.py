@@ -66,7 +66,7 @@ class RedisBroker(PairBroker):
         ttl_ms: int, meta_ttl_ms: int,
     ) -> asyncio.Future[Any]:  # fmt: skip
         """Append to a stream's history and publish with its offset and epoch, atomically and
-        in publish order; the future gets the offset (broker.redis_history)."""
+        in publish order; the future gets ``[offset, epoch]`` (broker.redis_history)."""
         self._appends += 1
         epoch = f"{self._epoch_prefix}{self._appends:x}"  # used only if the stream has none
         args = (channel, payload, keep, ttl_ms, meta_ttl_ms, epoch)

@@ -55,7 +55,7 @@ end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PUBLISH', ARGV[1], string.format('#%d:%s:', offset, epoch) .. ARGV[2])
-return offset
+return {offset, epoch}
 """
 
 # KEYS: meta, stream. ARGV: the reader's epoch ('' for none), after, limit, count, budget,

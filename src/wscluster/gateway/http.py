@@ -93,8 +93,8 @@ async def api_send(request: web.Request) -> web.Response:
     if not isinstance(exclude, list):
         raise bad_request("'exclude' must be a list of client ids")
     parse_address(body.get("to"))
-    await request.app[CLUSTER].send(body["to"], body["data"], exclude=exclude)
-    return _json({"ok": True})
+    pos = await request.app[CLUSTER].send(body["to"], body["data"], exclude=exclude)
+    return _json({"ok": True, **(pos.as_dict() if pos is not None else {})})
 
 
 async def api_close(request: web.Request) -> web.Response:

@@ -165,6 +165,16 @@ class Presence(Protocol):
         """Live nodes with the stats of their last heartbeat."""
         ...
 
+    # --- the cluster's history rules (a namespace-wide value, no TTL) -----------------
+    async def history_rules(self) -> list[str] | None:
+        """The rules the nodes last wrote (a list of ``--history`` texts, maybe empty: none),
+        or None when the store holds none (never written, or the store restarted empty)."""
+        ...
+
+    async def set_history_rules(self, specs: Sequence[str]) -> list[str] | None:
+        """Replace the cluster's rules (the last writer wins); returns the previous ones."""
+        ...
+
 
 def encode_session(
     values: Mapping[str, Any], *, replace: bool, limit: int

@@ -73,6 +73,7 @@ class _State:
     conns: dict[str, dict[str, _Conn]] = field(default_factory=dict)  # node -> cid -> conn
     uids: dict[str, set[str]] = field(default_factory=dict)  # uid -> cids
     groups: dict[str, dict[str, str | None]] = field(default_factory=dict)  # group -> cid -> uid
+    rules: list[str] | None = None  # the cluster's history rules
 
 
 _HUBS: dict[tuple[str, str], _State] = {}
@@ -329,3 +330,11 @@ class MemoryPresence:
         live = self._live()
         s = self._s
         return [NodeInfo(n, dict(s.nodes[n].stats)) for n in sorted(live)]
+
+    async def history_rules(self) -> list[str] | None:
+        rules = self._s.rules
+        return None if rules is None else list(rules)
+
+    async def set_history_rules(self, specs: Sequence[str]) -> list[str] | None:
+        old, self._s.rules = self._s.rules, list(specs)
+        return old

@@ -346,6 +346,25 @@ class RedisPresence:
         live = await self._live_nodes(members)
         return [NodeInfo(x, json.loads(v)) for x, v in sorted(live.items())]
 
+    async def history_rules(self) -> list[str] | None:
+        (raw,) = await self._query(("GET", self.names.history_rules_key()))
+        return _rules(raw)
+
+    async def set_history_rules(self, specs: Sequence[str]) -> list[str] | None:
+        value = json.dumps(list(specs))
+        (old,) = await self._query(("GETSET", self.names.history_rules_key(), value))
+        return _rules(old)
+
+
+def _rules(raw: str | None) -> list[str] | None:
+    """Stored rules (a JSON list of strings); something else there counts as none stored."""
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value if ok else None
+
 
 def _conn_info(cid: str, fields: dict[str, str], index_uid: str) -> ConnInfo:
     """A connection from its conn hash (and its uid in the node's index, for a hash that a
