@@ -150,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(u, "nodes", 3, int, help="node processes")
     _add(u, "base-port", 8000, int, help="node i listens on base-port+i, its API on +1000")
     _add(u, "host", "127.0.0.1", help="address of the nodes' public ports")
-    _add(u, "broker", None, help=BROKER_HELP + " (default: start an embedded one)")
-    _add(u, "presence", None, help="presence store (default: the broker, or an embedded valkey)")
+    # not from WSCLUSTER_BROKER / WSCLUSTER_PRESENCE: they are what `up` prints for send and
+    # status; a second `up` in that shell starts its own broker
+    u.add_argument("--broker", default=None, help=BROKER_HELP + " (default: start an embedded one)")
+    u.add_argument("--presence", default=None,
+                   help="presence store (default: the broker, or an embedded valkey)")
     u.add_argument("--nats", action="store_true", default=_flag("nats"),
                    help="start an embedded nats-server as the broker")  # fmt: skip
     _add(u, "namespace", "wsc", help="prefix of the cluster's channels and keys")

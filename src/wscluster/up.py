@@ -146,7 +146,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 *(["--app", args.app] if args.app else []),
                 *(a for rule in history for a in ("--history", rule)),
             ]  # fmt: skip
-            env = {**os.environ, **auth_env}
+            env = {k: v for k, v in os.environ.items() if k not in _PRINTED_ENV}
+            env.update(auth_env)
             procs.append(subprocess.Popen(cmd, preexec_fn=die_with_parent, env=env))
         for i, proc in enumerate(procs, 1):
             health = f"http://{args.host}:{args.base_port + i}/healthz"
@@ -188,6 +189,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("wscluster up: stopped", file=sys.stderr)
 
 
+# what the banner exports for send and status; a node of `up` takes --broker/--presence only
+_PRINTED_ENV = frozenset({"WSCLUSTER_BROKER", "WSCLUSTER_PRESENCE", "WSCLUSTER_NAMESPACE"})
 DEMO_HISTORY = ("group:*=1000/600s", "uid:*=1000/3600s")
 
 
@@ -204,8 +207,11 @@ def history_rules(args: argparse.Namespace, broker: str) -> tuple[str, ...]:
 def _banner(
     args: argparse.Namespace, broker: str, presence: str | None, history: tuple[str, ...]
 ) -> None:
-    ns = "" if args.namespace == "wsc" else f" --namespace {args.namespace}"
-    ns += f" --presence {presence}" if presence else ""
+    exports = [f"export WSCLUSTER_BROKER={shlex.quote(broker)}"]
+    if presence:
+        exports.append(f"export WSCLUSTER_PRESENCE={shlex.quote(presence)}")
+    if args.namespace != "wsc":
+        exports.append(f"export WSCLUSTER_NAMESPACE={shlex.quote(args.namespace)}")
     # paths that work without an activated virtual environment
     python = shlex.quote(sys.executable)
     script = os.path.join(os.path.dirname(sys.executable), "wscluster")
@@ -216,7 +222,6 @@ def _banner(
         lines.append(f"  node{i}: ws://{args.host}:{port}/ws   page http://{args.host}:{port}/"
                      f"   api http://127.0.0.1:{port + 1000}/api/")  # fmt: skip
     ws = f"ws://{args.host}:{args.base_port + 1}/ws"
-    hist = "".join(f" --history '{rule}'" for rule in history)
     if history:
         lines.append(f"  history: {', '.join(history)} (clients resume what they missed)")
     if args.jwt_secret or args.jwt_public_key:
@@ -242,9 +247,11 @@ def _banner(
         "",
         "Try it:",
         *try_it,
-        f"  {cli} send --broker {broker}{ns} --to all '{{\"text\": \"system message\"}}'",
-        f"  {cli} send --broker {broker}{ns}{hist} --to uid:alice '{{\"text\": \"hi\"}}'",
-        f"  {cli} status --broker {broker}{ns}",
+        "  and in another shell (send and status read WSCLUSTER_BROKER):",
+        *(f"  {line}" for line in exports),
+        f"  {cli} send --to all '{{\"text\": \"system message\"}}'",
+        f"  {cli} send --to uid:alice '{{\"text\": \"hi\"}}'",
+        f"  {cli} status",
         "",
         "Ctrl-C stops everything.",
     ]

@@ -96,7 +96,11 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
         assert re.search(r"wscluster send .*--to all ", banner)
         page = f"http://127.0.0.1:{base + 1}/"
         assert f"Chat page: open {page} and http://127.0.0.1:{base + 2}/" in banner
-        assert send_line is not None and re.search(r"wscluster status --broker", banner)
+        assert send_line is not None and re.search(r"wscluster status$", banner, re.M)
+        assert "--history" not in send_line.group(1)  # the cluster holds its rules
+        exports = dict(re.findall(r"^ +export (WSCLUSTER_\w+)=(\S+)$", banner, re.M))
+        assert exports["WSCLUSTER_BROKER"].startswith("nats://" if flags else "redis://")
+        assert ("WSCLUSTER_PRESENCE" in exports) == bool(flags)
         a = await WS.open(urls[0], "alice")
         b = await WS.open(urls[1], "bob")
         await b.ok({"type": "send", "to": "uid:alice", "data": "across"})
@@ -104,7 +108,9 @@ async def test_up_starts_a_cluster_and_ctrl_c_stops_everything(flags: list[str])
         # the banner's own command, pasted as printed
         argv = shlex.split(send_line.group(1))
         assert os.path.exists(argv[0]), argv  # the venv's own script: no activation needed
-        sent = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=30)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WSCLUSTER_")}
+        sent = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=30,
+                                       env={**env, **exports})  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         assert (await a.next(type="message"))["data"] == {"text": "hi"}
         await a.close()
