@@ -274,7 +274,8 @@ export class WsclusterConnection extends Emitter {
   }
 
   /** Deliver `data` (any JSON value) to an address: uid:…, group:…, client:… or all. */
-  send(to, data) { return this.request({ type: "send", to, data }); }
+  /** `carbon`: a send to a `uid:` is also stored in (and delivered to) the sender's own uid stream. */
+  send(to, data, { carbon = false } = {}) { return this.request(carbon ? { type: "send", to, data, carbon: true } : { type: "send", to, data }); }
 
   /** Ask who is online: {online} for uid:…, {uids, count} for group:…. */
   presence(to) { return this.request({ type: "presence", to }); }

@@ -13,6 +13,8 @@ export function isPosition(p) {
     && Number.isInteger(p[1]) && p[1] >= 0;
 }
 
+/** The stream a message counts in: its `to`, or for a carbon its sender's own uid stream. */
+const streamOf = (f) => (f.carbon === true ? (typeof f.from?.uid === "string" ? `uid:${f.from.uid}` : null) : f.to);
 const rank = (item) => (item.kind === "message" ? 0 : 1);
 const before = (a, b) => a.offset < b.offset || (a.offset === b.offset && rank(a) <= rank(b));
 const placed = (f) => typeof f.epoch === "string" && Number.isInteger(f.offset);
@@ -72,8 +74,9 @@ export class Streams {
 
   /** A `message` frame: out now, or held, or dropped as a duplicate. */
   message(frame) {
-    if (!isStream(frame.to) || !placed(frame)) return this._emit("message", frame);
-    this._put(frame.to, { kind: "message", epoch: frame.epoch, offset: frame.offset, frame });
+    const stream = streamOf(frame);
+    if (!isStream(stream) || !placed(frame)) return this._emit("message", frame);
+    this._put(stream, { kind: "message", epoch: frame.epoch, offset: frame.offset, frame });
   }
 
   /** A `gap` frame: later messages of the stream continue after its offset. */
@@ -82,9 +85,14 @@ export class Streams {
     this._put(frame.stream, { kind: "gap", epoch: frame.epoch, offset: frame.offset, frame });
   }
 
-  /** The `resume` frame for these streams: known positions, else `[null, 0]` (everything retained). */
-  resumeFrame(streams, withPresence) {
-    const frame = { type: "resume", streams: Object.fromEntries(streams.map((s) => [s, this.get(s) ?? [null, 0]])) };
+  /**
+   * The `resume` frame for these streams: known positions, else `[null, 0]` (everything
+   * retained, or the newest `recent` when given).
+   */
+  resumeFrame(streams, withPresence, recent = null) {
+    const positions = streams.map((s) => [s, this.get(s) ?? [null, 0]]);
+    const frame = { type: "resume", streams: Object.fromEntries(positions) };
+    if (recent != null && positions.some(([, p]) => !p[0] && p[1] === 0)) frame.recent = recent;
     const presence = streams.filter((s) => s.startsWith("group:") && withPresence(s));
     return presence.length ? { ...frame, presence } : frame;
   }

@@ -21,7 +21,7 @@ const SUBPROTOCOL_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
  * @typedef {{uid?: string, token?: string, handshakeToken?: boolean|string, WebSocket?: any, reconnect?: boolean,
  *   backoffBase?: number, backoffCap?: number, maxHandshakeRetries?: number,
  *   requestTimeout?: number, maxWaiting?: number, positions?: Object<string, Position>,
- *   maxHold?: number}} Options
+ *   maxHold?: number, recent?: number}} Options
  */
 
 /** A wscluster connection that reconnects, logs in again and resumes or re-joins its streams. */
@@ -36,6 +36,9 @@ export class WsclusterClient extends WsclusterConnection {
     }
     /** true: a token login's token goes in the handshake too; false: never; a string: this token (no login) */
     this.handshakeToken = o.handshakeToken ?? true;
+    if (o.recent != null && !(Number.isInteger(o.recent) && o.recent >= 1)) throw new TypeError("recent is an integer >= 1");
+    /** streams resumed from [null, 0] replay at most this many (the newest); null: all retained */
+    this.recent = o.recent ?? null;
     /** @type {string|null} */ this.uid = null;
     /** @type {Frame|null} the login frame replayed after each welcome */
     this._login = o.uid != null ? { type: "login", uid: o.uid } : o.token != null ? { type: "login", token: o.token } : null;
@@ -106,7 +109,7 @@ export class WsclusterClient extends WsclusterConnection {
     if (!streams.length) return plain;
     let ack;
     try {
-      ack = await this._sendOn(link, this._streams.resumeFrame(streams, (s) => this._groups.get(s.slice(6)) === true), this.requestTimeout);
+      ack = await this._sendOn(link, this._streams.resumeFrame(streams, (s) => this._groups.get(s.slice(6)) === true, this.recent), this.requestTimeout);
     } catch (err) {
       if (!(err instanceof ServerError) || TRANSIENT.includes(err.code)) throw err;
       this._streams.release(link.held.splice(0)); // refused as a whole (a node without resume): join
@@ -210,12 +213,12 @@ export class WsclusterClient extends WsclusterConnection {
    * stream comes with the ack. Groups are joined (and resumed after reconnects), with presence
    * events for the streams listed in `presence`. @returns {Promise<Frame>} the ack
    */
-  async resume(streams, { presence = [] } = {}) {
+  async resume(streams, { presence = [], recent = this.recent } = {}) {
     const given = Array.isArray(streams) ? streams.map((s) => [s, null]) : Object.entries(streams ?? {});
     if (!given.length || !given.every(([s]) => isStream(s))) throw new TypeError("resume uid:… and group:… streams");
     for (const [s, p] of given) if (p != null) this._streams.set(s, p);
     const names = given.map(([s]) => s);
-    const frame = this._streams.resumeFrame(names, (s) => presence.includes(s));
+    const frame = this._streams.resumeFrame(names, (s) => presence.includes(s), recent);
     this._streams.hold(names);
     try {
       return await this._change(names.filter((s) => s.startsWith("group:")), frame, (ack, won) => {

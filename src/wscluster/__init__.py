@@ -1,10 +1,11 @@
 """wscluster: N WebSocket gateway nodes that act as one server, over Redis."""
 
 from .app import App, AppError, Closed, Reject, Request
-from .cluster import Cluster, SyncCluster
+from .cluster import Cluster
 from .conn import Conn
 from .errors import BrokerUnavailable, Code, PresenceUnavailable, ProtocolError
 from .policy import Action
+from .sync_cluster import SyncCluster
 
 __all__ = [
     "Action",

@@ -1,5 +1,6 @@
 """The cluster API for backends: push to any address and ask presence questions without
-holding a socket. ``Cluster`` is asyncio; ``SyncCluster`` wraps it for Django/Flask code.
+holding a socket. ``Cluster`` is asyncio; ``SyncCluster`` (sync_cluster.py) wraps it for
+Django/Flask code.
 
     async with Cluster("redis://127.0.0.1:6379/0", namespace="wsc") as cluster:
         await cluster.send("uid:alice", {"text": "hi"})
@@ -10,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
@@ -22,14 +22,18 @@ from .broker import create_broker
 from .broker.base import Broker, HistoryBroker
 from .control import ControlClient
 from .errors import Code, PresenceUnavailable, ProtocolError, bad_request
-from .history import Position, Rules, position
+from .history import HistoryPage, Position, Rules, frames_of, position
 from .naming import Names, node_of_client
 from .presence import create_presence
 from .presence.base import NodeInfo, Presence
 from .routing import Address, Kind, channel_for, check_name, is_utf8, parse_address
 
+if TYPE_CHECKING:
+    from .broker.redis_history import RedisHistory
+
 T = TypeVar("T")
 KICK = 4001
+MAX_READ = 10_000  # messages per history read
 log = logging.getLogger("wscluster.cluster")
 
 
@@ -52,8 +56,10 @@ class Cluster:
         the cluster's for its publishes (``["none"]``: store nothing)."""
         self.names = Names(namespace)
         self.broker: Broker = create_broker(broker_url)
+        self.broker_url = broker_url
+        self.history_store: RedisHistory | None = None  # opened by the first history read
         self._own: Rules | None = _history_rules(self.broker, history) if history else None
-        self.history = self._own or Rules()
+        self.history_rules = self._own or Rules()
         self.check_interval, self._follow = check_interval, True
         self._rules_at: float | None = None  # monotonic time of the last read of the rules
         self._reading: asyncio.Future[None] | None = None
@@ -77,8 +83,10 @@ class Cluster:
         passes control replies to ``control.on_reply``)."""
         self = cls.__new__(cls)
         self.names, self.broker, self.presence = names, broker, presence
+        self.broker_url = ""
+        self.history_store = None  # the node's store, if it has one (node.py)
         self._own = _history_rules(broker, history) if history else None
-        self.history = self._own or Rules()
+        self.history_rules = self._own or Rules()
         self.check_interval, self._follow = 0.0, False  # the node refreshes them (rules.py)
         self._rules_at, self._reading = None, None
         self.max_message_size, self.max_session_size = max_message_size, max_session_size
@@ -108,6 +116,9 @@ class Cluster:
             self._started = False
             await self.broker.close()
             await self.presence.close()
+            if self.history_store is not None:
+                await self.history_store.close()
+                self.history_store = None
 
     async def __aenter__(self) -> Cluster:
         await self.start()
@@ -121,9 +132,9 @@ class Cluster:
         """Follow these cluster rules (unless this publisher has its own): True if changed."""
         if self._own is not None or not hasattr(self.broker, "append_nowait"):
             return False
-        if tuple(specs) == self.history.specs:
+        if tuple(specs) == self.history_rules.specs:
             return False
-        self.history = Rules(tuple(specs))
+        self.history_rules = Rules(tuple(specs))
         return True
 
     async def refresh_rules(self) -> None:
@@ -209,7 +220,7 @@ class Cluster:
         ``history`` rule matches it (the message gets an offset), in publish order. The
         future's result gives the position (``history.position``)."""
         channel = channel_for(self.names, address)
-        rule = self.history.match(str(address)) if self.history else None
+        rule = self.history_rules.match(str(address)) if self.history_rules else None
         if rule is None:
             return self.broker.publish_nowait(channel, payload)
         stream = str(address)
@@ -218,6 +229,38 @@ class Cluster:
             channel, self.names.history_meta_key(stream), self.names.history_key(stream),
             payload, rule.keep, rule.ttl_ms, rule.meta_ttl_ms,
         )  # fmt: skip
+
+    # --- history ---------------------------------------------------------------------
+    async def history(self, stream: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` retained messages of a ``uid:`` or ``group:`` stream with a
+        history rule, oldest first: the ``message`` frames as clients got them (with
+        ``epoch`` and ``offset``; binary and non-JSON ones left out). [] for a stream
+        without a rule or without messages."""
+        return (await self.history_page(stream, limit)).messages
+
+    async def history_page(self, stream: str, limit: int = 50) -> HistoryPage:
+        """Like ``history``, with the stream's epoch and last offset (``GET /api/history``):
+        epoch "" and offset 0 for a stream without a rule or never written."""
+        address = parse_address(stream)
+        if address.kind not in (Kind.UID, Kind.GROUP):
+            raise bad_request("history takes a uid: or group: stream")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_READ:
+            raise bad_request(f"limit must be an integer from 1 to {MAX_READ}")
+        stream = str(address)
+        await self.start()
+        await self._rules_fresh()
+        store = self._store()
+        if store is None or self.history_rules.match(stream) is None:
+            return HistoryPage(stream, "", 0, [])
+        read = await store.read(stream, "", 0, limit)
+        return HistoryPage(stream, read.epoch, read.top, frames_of(read.entries, read.epoch))
+
+    def _store(self) -> RedisHistory | None:
+        if self.history_store is None and self.broker_url.startswith(("redis", "unix")):
+            from .broker.redis_history import RedisHistory
+
+            self.history_store = RedisHistory(self.broker_url, self.names, self.control.timeout)
+        return self.history_store
 
     # --- a connection's uid and groups, from any process -----------------------------
     async def bind_uid(self, client_id: str, uid: str) -> bool:
@@ -309,84 +352,6 @@ def _ids(exclude: Iterable[str]) -> tuple[str, ...]:
     if not all(isinstance(i, str) and is_utf8(i) for i in ids):
         raise bad_request("exclude must be a list of client ids")
     return ids
-
-
-class SyncCluster:
-    """Blocking wrapper for synchronous code: runs a Cluster on a private event loop thread."""
-
-    def __init__(self, broker_url: str = "redis://127.0.0.1:6379/0", **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="wscluster-sync")  # fmt: skip
-        self._thread.start()
-        self._cluster = self._run(self._make(broker_url, kwargs))
-
-    @staticmethod
-    async def _make(broker_url: str, kwargs: dict[str, Any]) -> Cluster:
-        return Cluster(broker_url, **kwargs)
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def send(self, to: str, data: Any, *, exclude: Iterable[str] = ()) -> Position | None:
-        return self._run(self._cluster.send(to, data, exclude=exclude))
-
-    def close(self, to: str, code: int = KICK) -> None:
-        self._run(self._cluster.close(to, code))
-
-    def is_online(self, uid: str) -> bool:
-        return self._run(self._cluster.is_online(uid))
-
-    def client_ids(self, uid: str) -> list[str]:
-        return self._run(self._cluster.client_ids(uid))
-
-    def group_members(self, group: str) -> list[str]:
-        return self._run(self._cluster.group_members(group))
-
-    def group_count(self, group: str) -> int:
-        return self._run(self._cluster.group_count(group))
-
-    def count(self) -> int:
-        return self._run(self._cluster.count())
-
-    def bind_uid(self, client_id: str, uid: str) -> bool:
-        return self._run(self._cluster.bind_uid(client_id, uid))
-
-    def unbind_uid(self, client_id: str) -> bool:
-        return self._run(self._cluster.unbind_uid(client_id))
-
-    def join(self, client_id: str, group: str) -> bool:
-        return self._run(self._cluster.join(client_id, group))
-
-    def leave(self, client_id: str, group: str) -> bool:
-        return self._run(self._cluster.leave(client_id, group))
-
-    def get_session(self, client_id: str) -> dict[str, Any] | None:
-        return self._run(self._cluster.get_session(client_id))
-
-    def set_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
-        return self._run(self._cluster.set_session(client_id, values))
-
-    def update_session(self, client_id: str, values: Mapping[str, Any]) -> bool:
-        return self._run(self._cluster.update_session(client_id, values))
-
-    def stats(self) -> dict[str, Any]:
-        return self._run(self._cluster.stats())
-
-    def shutdown(self) -> None:
-        """Close connections and stop the private loop."""
-        if self._loop.is_closed():
-            return
-        self._run(self._cluster.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> SyncCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 def _history_rules(broker: Broker, specs: Sequence[str]) -> Rules:

@@ -31,7 +31,7 @@ class ClusterRules:
         self.known: tuple[str, ...] | None = self.given  # what the store held last
         self._task: asyncio.Task[None] | None = None
         if self.given and self.enabled:  # in force until the store says otherwise
-            node.cluster.history = Rules(self.given)
+            node.cluster.history_rules = Rules(self.given)
 
     async def start(self) -> None:
         if self.enabled:
@@ -77,7 +77,7 @@ class ClusterRules:
     def follow(self, specs: tuple[str, ...]) -> None:
         self.known = specs
         cluster = self.node.cluster
-        before = cluster.history.specs
+        before = cluster.history_rules.specs
         try:
             changed = cluster.adopt_rules(specs)
         except ValueError as exc:

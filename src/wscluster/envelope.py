@@ -67,6 +67,12 @@ def message_frame(to: Address | str, data: msgspec.Raw, sender: Sender | None) -
     return _frame_encoder.encode(MessageFrame(str(to), data, ts, sender))
 
 
+def carbon(frame: bytes) -> bytes:
+    """The sender's copy of a ``message`` frame (``"carbon": true``, its ``to`` kept): stored
+    in and delivered to the sender's own ``uid:`` stream, which its envelope is addressed to."""
+    return frame[:-1] + b',"carbon":true}'
+
+
 def deliver(
     to: Address | str, payload: bytes, *, exclude: tuple[str, ...] = (), binary: bool = False
 ) -> bytes:

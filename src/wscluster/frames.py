@@ -32,6 +32,8 @@ class RawFrame(msgspec.Struct):
     group: Any = None
     presence: Any = None
     streams: Any = None
+    recent: Any = None
+    carbon: Any = None
 
 
 _decoder = msgspec.json.Decoder(RawFrame)
@@ -57,6 +59,8 @@ class Command:
     name: str | None = None  # login uid / join+leave group
     positions: dict[str, tuple[str, int]] | None = None  # resume: stream -> (epoch, offset)
     watch: frozenset[str] = frozenset()  # resume: groups joined with presence events
+    recent: int = 0  # resume: streams at [null, 0] replay at most this many (0: --max-replay)
+    carbon: bool = False  # send to a uid: a copy goes to the sender's own uid stream
 
 
 def _check_id(value: Any) -> FrameId:
@@ -109,6 +113,11 @@ def _validate(raw: RawFrame, frame_id: FrameId) -> Command:
         cmd.address = parse_address(raw.to)
         if not raw.data:
             raise bad_request("'send' needs 'data'")
+        if raw.carbon is not None and not isinstance(raw.carbon, bool):
+            raise bad_request("'carbon' must be a boolean")
+        if raw.carbon and cmd.address.kind is not Kind.UID:
+            raise bad_request("'carbon' is for a send to a uid: address")
+        cmd.carbon = bool(raw.carbon)
     elif kind == "join" or kind == "leave":
         cmd.name = check_name(raw.group, "group")
         if kind == "join" and raw.presence is not None and not isinstance(raw.presence, bool):
@@ -127,6 +136,11 @@ def _validate(raw: RawFrame, frame_id: FrameId) -> Command:
         ):
             raise bad_request("'presence' must be a list of group streams of 'streams'")
         cmd.watch = frozenset(watch)
+        if raw.recent is not None:
+            recent = raw.recent
+            if isinstance(recent, bool) or not isinstance(recent, int) or recent < 1:
+                raise bad_request("'recent' must be an integer >= 1")
+            cmd.recent = recent
     elif kind == "presence":
         cmd.address = parse_address(raw.to)
         if cmd.address.kind not in (Kind.UID, Kind.GROUP):

@@ -16,7 +16,7 @@ from .gateway.connection import Connection
 from .policy import Action
 from .registry import Entry
 from .resume import Resume
-from .routing import Kind
+from .routing import Kind, parse_address
 
 if TYPE_CHECKING:
     from .node import Node
@@ -113,6 +113,12 @@ class Handlers:
         frame = envelope.message_frame(to, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
         fut = node.cluster.publish_nowait(address, envelope.deliver(to, frame))
         conn.charge_bytes(len(frame))
+        own = f"uid:{entry.uid}"
+        if cmd.carbon and to != own:  # the copy: stored in (and delivered to) the sender's uid
+            copy = envelope.carbon(frame)
+            sent = node.cluster.publish_nowait(parse_address(own), envelope.deliver(own, copy))
+            conn.charge_bytes(len(copy))
+            fut = _first(fut, sent)
         conn.sending()
         frame_id = cmd.id
 
@@ -246,6 +252,27 @@ class Handlers:
                 conn.sent()
 
         self.node.spawn(run())
+
+
+def _first(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """Both publishes done: the first one's result (the first error, if any)."""
+    both = asyncio.get_running_loop().create_future()
+
+    def done(_: asyncio.Future[Any]) -> None:
+        if both.done() or not (first.done() and second.done()):
+            return
+        if first.cancelled() or second.cancelled():
+            both.cancel()
+            return
+        errors = [exc for exc in (first.exception(), second.exception()) if exc is not None]
+        if errors:
+            both.set_exception(errors[0])
+        else:
+            both.set_result(first.result())
+
+    first.add_done_callback(done)
+    second.add_done_callback(done)
+    return both
 
 
 async def _empty(barrier: Awaitable[None]) -> dict[str, Any]:

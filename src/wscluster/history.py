@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
+
+from . import envelope
 from .policy import FirstMatch
 
 MAX_RULES = 100
@@ -72,6 +76,35 @@ class Position:
 
     def as_dict(self) -> dict[str, str | int]:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """The newest messages of a stream (``Cluster.history_page``, ``GET /api/history``)."""
+
+    stream: str
+    epoch: str  # "" when nothing is stored
+    offset: int  # the stream's last offset
+    messages: list[dict[str, Any]]  # message frames, oldest first
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream, "epoch": self.epoch, "offset": self.offset,
+                "messages": self.messages}  # fmt: skip
+
+
+def frames_of(entries: list[tuple[int, bytes]], epoch: str) -> list[dict[str, Any]]:
+    """The client frames of stored envelopes, with their offsets (binary ones and frames that
+    are not JSON objects are left out)."""
+    out: list[dict[str, Any]] = []
+    for offset, raw in entries:
+        try:
+            env = envelope.decode(raw)
+            frame = None if env.binary else msgspec.json.decode(splice(env.payload, offset, epoch))
+        except (envelope.EnvelopeError, msgspec.DecodeError):
+            continue
+        if isinstance(frame, dict):
+            out.append(frame)
+    return out
 
 
 def position(reply: object) -> Position | None:

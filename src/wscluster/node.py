@@ -69,6 +69,7 @@ class Node:
 
             store = RedisHistory(config.broker, self.names, config.request_timeout)
             self.streams = Streams(self, store)
+            self.cluster.history_store = store  # Cluster.history, GET /api/history
             self.subs.on_unsubscribe = self.streams.drop
         self.liveness = Liveness(self)
         self.outbox = OutboxRules(config.outbox_policy)

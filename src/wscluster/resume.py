@@ -39,6 +39,8 @@ class Resume:
         assert positions is not None
         if len(positions) > node.config.max_groups_per_connection + 1:
             raise bad_request("more streams than groups allowed per connection")
+        if cmd.recent > node.config.max_replay:
+            raise bad_request(f"'recent' is at most --max-replay ({node.config.max_replay})")
         # each stream is a join and a read: charged like that many frames (into debt if need
         # be: a resume after a reconnect goes through, then the client waits)
         conn.charge(len(positions) - 1)
@@ -79,7 +81,7 @@ class Resume:
                     if barrier is not None:
                         await barrier
                     result, epoch, last = await self._replay(
-                        conn, stream, positions[stream], tracked
+                        conn, stream, positions[stream], tracked, cmd.recent
                     )
                 except ProtocolError as exc:
                     result, epoch, last = {"error": exc.code.value}, "", 0
@@ -94,21 +96,25 @@ class Resume:
         self.handlers.reply(conn, cmd.id, run())
 
     async def _replay(
-        self, conn: Connection, stream: str, position: tuple[str, int], tracked: bool
-    ) -> tuple[dict[str, Any], str, int]:
+        self, conn: Connection, stream: str, position: tuple[str, int], tracked: bool,
+        recent: int = 0,
+    ) -> tuple[dict[str, Any], str, int]:  # fmt: skip
         """Send what the history has after ``position``: the verdict, and the position the
         stream's buffered live messages continue from.
 
         The replay goes page by page, each read from the store only once the connection
         has room for it (a client that never reads costs the node one page, not the whole
         history); the first read fixes the verdict and the window's end (``top``), later
-        ones read on up to it. It stops as soon as the connection closes."""
+        ones read on up to it. It stops as soon as the connection closes. ``recent``: a stream
+        at ``[null, 0]`` replays at most that many (the newest), not up to --max-replay."""
         node, streams = self.node, self.node.streams
         if streams is None or not tracked:
             return {"recovered": False, "reason": "no_history"}, "", 0
         epoch, offset = position
         cfg = node.config
         limit = cfg.max_replay
+        if recent and not epoch and offset == 0:
+            limit = min(limit, recent)
         page = {"count": min(limit, PAGE_COUNT), "budget": max(1, min(cfg.max_outbox // 4,
                 PAGE_BYTES))}  # fmt: skip
         try:

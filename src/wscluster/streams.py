@@ -64,7 +64,7 @@ class Streams:
     @property
     def rules(self) -> history.Rules:
         """The rules in force: the cluster's, which change (cluster_rules.py)."""
-        return self.node.cluster.history
+        return self.node.cluster.history_rules
 
     def tracked(self, stream: str) -> bool:
         return self.rules.match(stream) is not None

@@ -12,9 +12,10 @@ from typing import Any
 
 import aiohttp
 
-from wscluster.cluster import Cluster, SyncCluster
+from wscluster.cluster import Cluster
 from wscluster.embedded import EmbeddedRedis
 from wscluster.history import Position
+from wscluster.sync_cluster import SyncCluster
 
 from .conftest import NodeProc
 from .wsclient import WS

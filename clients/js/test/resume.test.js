@@ -295,3 +295,25 @@ test("a link that drops during the hold delivers what it held, in order, before 
   client.close();
   await sleep(10);
 });
+
+test("carbons count in the sender's uid stream; send({carbon}) and resume({recent}) frames", async () => {
+  const { cluster, client } = setup({ recent: 5 });
+  cluster.handler = (f) => (f.type === "resume"
+    ? { type: "ack", id: f.id, streams: Object.fromEntries(Object.keys(f.streams).map((s) => [s, { recovered: true, replayed: 0, epoch: E, offset: 0 }])) }
+    : defaultHandler(f));
+  await client.connect();
+  const sock = cluster.last;
+  const carbon = (offset) => ({ ...msg("uid:bob", offset), from: { uid: "alice", client_id: "c" }, carbon: true });
+  for (const f of [msg("uid:alice", 1), carbon(2), carbon(2), msg("uid:bob", 2)]) sock.push(f);
+  assert.deepEqual(seen(client), ["uid:alice 1", "uid:bob 2", "uid:bob 2"]);
+  assert.deepEqual(client.positions(), { "uid:alice": [E, 2], "uid:bob": [E, 2] });
+  await client.send("uid:bob", "hi", { carbon: true });
+  await client.send("uid:bob", "plain");
+  assert.deepEqual(sentOf(sock, "send"), [{ type: "send", to: "uid:bob", data: "hi", carbon: true }, { type: "send", to: "uid:bob", data: "plain" }]);
+  await client.resume({ "group:r": [null, 0] });
+  await client.resume({ "group:q": [E, 3] });
+  await client.resume({ "group:p": [null, 0] }, { recent: 2 });
+  assert.deepEqual(sentOf(sock, "resume").map((f) => f.recent), [5, undefined, 2]);
+  assert.throws(() => new WsclusterClient("ws://a/ws", { WebSocket: class {}, recent: 0 }), TypeError);
+  client.close();
+});

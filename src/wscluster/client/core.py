@@ -318,8 +318,12 @@ class Client:
                 self._intents[key] = -self._intents[key]
         self._inbox.put(frame)
 
-    async def send(self, to: str, data: Any) -> Frame:
-        return await self.request({"type": "send", "to": to, "data": data})
+    async def send(self, to: str, data: Any, *, carbon: bool = False) -> Frame:
+        """``carbon``: a send to a ``uid:`` is also stored in this client's own uid stream."""
+        frame: Frame = {"type": "send", "to": to, "data": data}
+        if carbon:
+            frame["carbon"] = True
+        return await self.request(frame)
 
     async def presence(self, to: str) -> Frame:
         return await self.request({"type": "presence", "to": to})

@@ -43,6 +43,10 @@ def stream_of(frame: Frame) -> str | None:
     """The stream of a pushed frame that moves a position: a message with an offset, a gap."""
     field = {"message": "to", "gap": "stream"}.get(str(frame.get("type")))
     stream = frame.get(field) if field else None
+    sender = frame.get("from")
+    if field == "to" and frame.get("carbon") is True and isinstance(sender, dict):
+        uid = sender.get("uid")  # a carbon is stored in its sender's stream
+        stream = f"uid:{uid}" if isinstance(uid, str) else None
     if isinstance(stream, str) and stream.startswith(STREAM_PREFIXES) and position_in(frame):
         return stream
     return None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..node import Node
 
 log = logging.getLogger("wscluster.api")
+MAX_HISTORY = 1000  # messages per GET /api/history
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
 CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")
@@ -117,6 +118,18 @@ async def api_presence(request: web.Request) -> web.Response:
     raise bad_request("presence takes ?to=uid:<uid> or ?to=group:<name>")
 
 
+async def api_history(request: web.Request) -> web.Response:
+    """``?stream=uid:…|group:…&limit=N`` (1-1000, default 50): the newest N messages."""
+    stream = request.query.get("stream")
+    if stream is None:
+        raise bad_request("?stream= is required")
+    text = request.query.get("limit", "50")
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_HISTORY):
+        raise bad_request(f"limit must be an integer from 1 to {MAX_HISTORY}")
+    page = await request.app[CLUSTER].history_page(stream, int(text))
+    return _json(page.as_dict())
+
+
 def _str(body: dict[str, Any], field: str) -> str:
     value = body.get(field)
     if not isinstance(value, str):
@@ -193,6 +206,7 @@ class ApiServer:
         app.router.add_post("/api/close", api_close)
         app.router.add_get("/api/presence", api_presence)
         app.router.add_get("/api/stats", api_stats)
+        app.router.add_get("/api/history", api_history)
         app.router.add_post("/api/bind", api_bind)
         app.router.add_post("/api/unbind", api_unbind)
         app.router.add_post("/api/join", api_join)

@@ -6,9 +6,10 @@ import { WsclusterClient } from "./wscluster.js";
 import { $, bdi, el, isolate, textOf, timeOf } from "./view.js";
 import { nodeChooser } from "./nodes.js";
 import { LOBBY, roomWatcher } from "./rooms.js";
-import { forgetTab, givenName, loadPositions, savedRooms, savePositions, saveRooms, tabPositions, token } from "./store.js";
+import { forgetTab, givenName, savedRooms, savePositions, saveRooms, tabPositions, token } from "./store.js";
 
 const MAX_ITEMS = 500; // messages kept per conversation (and shown at once)
+const RECENT = 50; // messages a reload or a new tab shows again per room and of the uid's stream
 
 // Where this page was loaded from: "/" on a node, or "/n/2/" behind nginx (pinned to node 2).
 // Fallbacks, tried when that node is gone: nginx's /ws, or the other nodes' ports (nodes.json).
@@ -23,6 +24,7 @@ let me = null, current = null, toastTimer = 0;
 let byToken = false; // me comes from the token (the welcome), not from a login by name
 let welcomed = false, lostNoted = false; // a welcome since the last drop; its loss was noted
 let refused = null; // why the cluster refused this page (it needs a token), once known
+let rewinding = false; // the page's first resume (the recent messages) is being answered
 const loadNodes = nodeChooser({
   client, base, own, wsScheme, token, identity: () => ({ me, byToken }), rooms: () => savedRooms(),
   positions: () => (me ? tabPositions(me, client.positions()) : ""),
@@ -50,7 +52,7 @@ function add(c, item) {
   if (c.items.length > MAX_ITEMS) c.items.shift();
   c.at = Date.now();
   if (c === current) appendItem(item);
-  else if (item.kind !== "note") c.unread += 1;
+  else if (item.kind !== "note" && !rewinding) c.unread += 1; // shown before: not new
   renderConvs();
 }
 
@@ -181,9 +183,13 @@ client.on("message", (f) => {
   }
 });
 
-// History: missed messages come back by themselves after a reconnect or a reload (the client
-// resumes from its positions, kept here per name); when some could not, the conversation says so.
-client.on("recovered", (r) => { if (r.recovered === false && r.reason !== "no_history") lost(r.stream, r.reason); });
+// History: a reload or a new tab shows the last RECENT messages of each room and of the uid's
+// stream (what others sent us, and carbons of what we sent), then goes on live; missed messages
+// come back by themselves after a reconnect (the client resumes from its positions); when some
+// could not, the conversation says so (not for the first resume: it asked for the last ones).
+client.on("recovered", (r) => {
+  if (r.recovered === false && r.reason !== "no_history" && !rewinding) lost(r.stream, r.reason);
+});
 client.on("gap", (f) => { // of a stream with history: the uid's, or a room still joined
   if (typeof f.stream === "string" && (!f.stream.startsWith("group:") || client.groups.has(f.stream.slice(6)))) lost(f.stream, f.reason);
 });
@@ -202,7 +208,7 @@ addEventListener("pagehide", () => { if (me && refused === null) savePositions(m
 client.on("left", (f) => { // a new token no longer allows the room: the node took us out
   const c = convs.get("room:" + f.group);
   if (c) add(c, { kind: "note", text: "you were removed from this room (your access to it ended)" });
-  saveRooms(roomNames().filter((r) => r !== f.group));
+  saveRooms(roomNames().filter((r) => r !== f.group), me);
   toast(`removed from room ${f.group}`);
 });
 client.on("presence", (f) => {
@@ -247,7 +253,7 @@ async function joinRoom(name, focus, save = true) {
 
 function showRoom(name, focus, save) {
   const c = conv("room:" + name, "room", name);
-  if (save) saveRooms(roomNames());
+  if (save) saveRooms(roomNames(), me);
   if (focus) open(c);
   else refreshRoom(c);
   return c;
@@ -264,18 +270,18 @@ async function login(name) {
 }
 
 /**
- * Show the chat as `uid`, in the lobby and the rooms this tab was in (read before any join):
- * the uid and the rooms with a kept position are resumed (at once: no message of them can come
- * between the login's ack and the resume), the others joined.
+ * Show the chat as `uid`, in the lobby and the rooms this tab (else this name) was in: the uid
+ * and the rooms are resumed at once with their last RECENT messages (no message of them can
+ * come between the replay and the live ones, none twice), the rooms it refuses joined.
  */
 async function enter(uid, viaToken) {
-  const rooms = [LOBBY, ...savedRooms()];
-  const kept = loadPositions(uid);
-  const streams = Object.fromEntries(Object.entries(kept).filter(([s]) => !s.startsWith("group:") || rooms.includes(s.slice(6))));
+  const rooms = [LOBBY, ...savedRooms(uid)];
+  const streams = Object.fromEntries([`uid:${uid}`, ...rooms.map((r) => "group:" + r)].map((s) => [s, [null, 0]]));
   const presence = Object.keys(streams).filter((s) => s.startsWith("group:"));
-  const resumed = Object.keys(streams).length && client.resume(streams, { presence }).catch((err) => {
+  rewinding = true;
+  const resumed = client.resume(streams, { presence, recent: RECENT }).catch((err) => {
     toast(`could not resume: ${err.code || err.message}`); // then the rooms are joined below
-  });
+  }).finally(() => { rewinding = false; });
   me = uid;
   byToken = viaToken;
   if (!viaToken) sessionStorage.setItem("wscluster.name", me);
@@ -287,7 +293,7 @@ async function enter(uid, viaToken) {
     if (client.groups.has(room)) showRoom(room, room === LOBBY, false);
     else await joinRoom(room, room === LOBBY, false).catch((err) => toast(`could not join ${isolate(room)}: ${err.code || err.message}`));
   }
-  saveRooms(rooms.filter((r) => client.groups.has(r)));
+  saveRooms(rooms.filter((r) => client.groups.has(r)), me);
   keepPositions();
   $("text").focus();
   loadNodes(); // the links to other nodes carry the name
@@ -362,7 +368,7 @@ $("leave-btn").onclick = async () => {
   }
   unwatch(c);
   convs.delete(c.key);
-  saveRooms(roomNames());
+  saveRooms(roomNames(), me);
   open(conv("room:" + LOBBY, "room", LOBBY));
 };
 
@@ -374,9 +380,9 @@ $("compose").onsubmit = async (ev) => {
   const to = c.kind === "room" ? "group:" + c.name : "uid:" + c.name;
   $("text").value = "";
   try {
-    await client.send(to, { text });
-    // a room echoes our own message back to us; a private message to someone else does not
-    if (c.kind === "dm" && c.name !== me) add(c, { kind: "mine", text, ts: Date.now() });
+    // a room echoes our own message back to us; a private one comes back as a carbon (kept in
+    // our own stream too: our other tabs and a reload show it)
+    await client.send(to, { text }, { carbon: c.kind === "dm" && c.name !== me });
   } catch (err) {
     add(c, { kind: "note", text: `not sent (${err.code || err.message}): ${text}` });
   }

@@ -1,11 +1,12 @@
 // What the chat page keeps in the browser. In sessionStorage (this tab, across reloads): the
-// name, the token, the rooms and the tab's stream positions; the positions also per name in
-// localStorage, so that a reload, a new tab or a return later resumes where the page was.
-import { isPosition } from "./wscluster.js";
+// name, the token, the rooms and the tab's stream positions; the rooms and the positions also
+// per name in localStorage, so that a new tab joins the same rooms (and shows their recent
+// messages) and the node chooser carries the positions to another origin.
 
 const LOBBY = "lobby";
 const TAB_POSITIONS = "wscluster.positions"; // {name, positions} of this tab
 const positionsKey = (name) => "wscluster.positions." + name;
+const roomsKey = (name) => "wscluster.rooms." + name;
 
 // name=, rooms=, positions= (the node chooser passes them to another origin) and token= (a
 // JWT), in the fragment (#token=…: never sent to a server, so never in its logs) or the query,
@@ -29,21 +30,20 @@ export function forgetTab() {
   for (const key of ["wscluster.name", "wscluster.rooms", "wscluster.token", TAB_POSITIONS]) sessionStorage.removeItem(key);
 }
 
-export function saveRooms(names) {
-  sessionStorage.setItem("wscluster.rooms", JSON.stringify(names.filter((r) => r !== LOBBY)));
+/** Keep the rooms joined: this tab's, and `name`'s (a new tab of this browser joins them too). */
+export function saveRooms(names, name = null) {
+  const text = JSON.stringify(names.filter((r) => r !== LOBBY));
+  sessionStorage.setItem("wscluster.rooms", text);
+  try {
+    if (name !== null) localStorage.setItem(roomsKey(name), text);
+  } catch { /* storage full or refused: only this tab remembers them */ }
 }
 
-export function savedRooms() {
-  const rooms = parse(sessionStorage.getItem("wscluster.rooms"));
+/** This tab's rooms; in a new tab, the ones kept for `name`. */
+export function savedRooms(name = null) {
+  const tab = sessionStorage.getItem("wscluster.rooms");
+  const rooms = parse(tab === null && name !== null ? localStorage.getItem(roomsKey(name)) : tab);
   return Array.isArray(rooms) ? rooms.filter((r) => typeof r === "string" && r !== LOBBY) : [];
-}
-
-/** `name`'s positions: this tab's when they are `name`'s, else the last ones kept for `name`. */
-export function loadPositions(name) {
-  const tab = parse(sessionStorage.getItem(TAB_POSITIONS));
-  const kept = tab?.name === name ? tab.positions : parse(localStorage.getItem(positionsKey(name)));
-  const entries = kept && typeof kept === "object" ? Object.entries(kept) : [];
-  return Object.fromEntries(entries.filter(([s, p]) => ours(name, s) && isPosition(p)));
 }
 
 /** Keep `name`'s positions (its uid's and its groups') from the client's. */
