@@ -57,9 +57,10 @@ class ClusterRules:
             if not self.written and self.given is not None:
                 old = await asyncio.wait_for(presence.set_history_rules(self.given), timeout)
                 self.written = True
-                if old is None or tuple(old) != self.given:
-                    log.warning("history rules of the cluster set by this node: %s",
-                                _diff(old or (), self.given))  # fmt: skip
+                if old is None or tuple(old) != self.given:  # a change of others' rules warns
+                    level = logging.INFO if old is None else logging.WARNING
+                    log.log(level, "history rules of the cluster set by this node: %s",
+                            _diff(old or (), self.given))  # fmt: skip
                 stored: Sequence[str] | None = self.given
             else:
                 stored = await asyncio.wait_for(presence.history_rules(), timeout)

@@ -169,7 +169,7 @@ client.on("message", (f) => {
   if (from == null || to === "all") {
     const label = from == null ? "system" : "broadcast from " + isolate(from.uid);
     add(conv("system", "system", "system"), { kind: "system", from: label, text, ts: f.ts });
-    toast(label + ": " + isolate(text));
+    if (!rewinding) toast(label + ": " + isolate(text)); // a replayed one is not news
     return;
   }
   const mine = me !== null && from.uid === me;
