@@ -113,12 +113,12 @@ class Handlers:
         frame = envelope.message_frame(to, cmd.raw.data, envelope.Sender(entry.uid, conn.cid))
         fut = node.cluster.publish_nowait(address, envelope.deliver(to, frame))
         conn.charge_bytes(len(frame))
-        own = f"uid:{entry.uid}"
-        if cmd.carbon and to != own:  # the copy: stored in (and delivered to) the sender's uid
-            copy = envelope.carbon(frame)
+        carbon = cmd.carbon and to != f"uid:{entry.uid}"
+        if carbon:  # the copy: stored in (and delivered to) the sender's uid
+            own, copy = f"uid:{entry.uid}", envelope.carbon(frame)
             sent = node.cluster.publish_nowait(parse_address(own), envelope.deliver(own, copy))
             conn.charge_bytes(len(copy))
-            fut = _first(fut, sent)
+            fut = asyncio.gather(fut, sent)  # the first error, else both replies
         conn.sending()
         frame_id = cmd.id
 
@@ -127,7 +127,8 @@ class Handlers:
             exc = f.exception() if not f.cancelled() else BrokerUnavailable("cancelled")
             if exc is None:
                 node.metrics.published.inc()
-                pos = history.position(f.result())  # stored: the ack says where
+                reply = f.result()[0] if carbon else f.result()  # the ack: X's position
+                pos = history.position(reply)  # stored: the ack says where
                 conn.ack(frame_id, **(pos.as_dict() if pos is not None else {}))
             elif isinstance(exc, BrokerUnavailable):
                 conn.error(frame_id, Code.UNAVAILABLE, "broker unavailable")
@@ -252,27 +253,6 @@ class Handlers:
                 conn.sent()
 
         self.node.spawn(run())
-
-
-def _first(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[Any]:
-    """Both publishes done: the first one's result (the first error, if any)."""
-    both = asyncio.get_running_loop().create_future()
-
-    def done(_: asyncio.Future[Any]) -> None:
-        if both.done() or not (first.done() and second.done()):
-            return
-        if first.cancelled() or second.cancelled():
-            both.cancel()
-            return
-        errors = [exc for exc in (first.exception(), second.exception()) if exc is not None]
-        if errors:
-            both.set_exception(errors[0])
-        else:
-            both.set_result(first.result())
-
-    first.add_done_callback(done)
-    second.add_done_callback(done)
-    return both
 
 
 async def _empty(barrier: Awaitable[None]) -> dict[str, Any]:
