@@ -146,3 +146,10 @@ async def alive(ws: WS, mode: str) -> None:
     else:
         await ws.conn.send("alive?")
         assert await recv_data(ws, 10) == "text:alive?"
+
+
+async def closed_in(mode: str, ws: WS, timeout: float) -> tuple[int | None, list[Any]]:
+    """The server's close code and the frames before it, read the way ``mode`` (``core`` or
+    ``raw``) connections speak."""
+    code, _, before = await (closed_with if mode == "core" else closed_with_raw)(ws, timeout)
+    return code, before

@@ -27,8 +27,8 @@ from .rawframes import (
     alive,
     chunks,
     client_frame,
+    closed_in,
     closed_with,
-    closed_with_raw,
     connect,
     message_frames,
     recv_data,
@@ -70,8 +70,7 @@ async def _open(nodes: dict[str, Cluster], mode: str, uid: str | None = None) ->
 
 
 async def _closed(ws: WS, mode: str, timeout: float = 10.0) -> tuple[int | None, list[Any]]:
-    code, _, before = await (closed_with if mode == "core" else closed_with_raw)(ws, timeout)
-    return code, before
+    return await closed_in(mode, ws, timeout)
 
 
 def _send(uid: str, frame_id: str, data: str) -> bytes:

@@ -29,8 +29,7 @@ from .rawframes import (
     chunks,
     client_frame,
     close_frame,
-    closed_with,
-    closed_with_raw,
+    closed_in,
     connect,
     message_frames,
     recv_data,
@@ -61,8 +60,7 @@ async def _open(nodes: dict[str, Cluster], mode: str) -> WS:
 
 async def _closed(ws: WS, mode: str, timeout: float = 6.0) -> tuple[int | None, list[Any]]:
     """The server's close code and the frames that came before it."""
-    code, _, before = await (closed_with if mode == "core" else closed_with_raw)(ws, timeout)
-    return code, before
+    return await closed_in(mode, ws, timeout)
 
 
 # --- reserved bits ------------------------------------------------------------------------
