@@ -52,6 +52,11 @@ def _add(p: argparse.ArgumentParser, name: str, default: Any, kind: Any = str, *
     p.add_argument(f"--{name}", default=_env(name, default), type=kind, **kw)
 
 
+def _bool(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """An on/off switch (also on when WSCLUSTER_<NAME> is 1, true, yes or on)."""
+    p.add_argument(f"--{name}", action="store_true", default=_flag(name), help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wscluster", description=__doc__)
     parser.add_argument("--version", action="version", version=f"wscluster {__version__}")
@@ -66,15 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "broker", DEFAULT_BROKER, help=BROKER_HELP)
     _add(s, "broker-timeout", d.broker_timeout, float,
          help="seconds to wait for the broker at start before exiting 1")
-    s.add_argument("--wait-for-broker", action="store_true", default=_flag("wait-for-broker"),
-                   help="at start, wait for the broker for ever (logging each retry)")  # fmt: skip
+    _bool(s, "wait-for-broker", "at start, wait for the broker for ever (logging each retry)")
     _add(s, "presence", None, help="presence store URL: redis://, rediss://, unix:// or "
          "memory:// (default: the broker URL)")
     _add(s, "namespace", d.namespace, help="prefix of the cluster's channels and keys")
     _add(s, "node-name", None, help="name in node ids (default: <host name>:<port>)")
     _add(s, "node-id", None, help=argparse.SUPPRESS)  # `up`: the exact id, to recognize it
-    s.add_argument("--anonymous", action="store_true", default=_flag("anonymous"),
-                   help="accept any client; `login` takes a uid")  # fmt: skip
+    _bool(s, "anonymous", "accept any client; `login` takes a uid")
     _add(s, "jwt-secret", None, help="HS256 secret: clients need a token signed with it")
     _add(s, "jwt-public-key", None, help="PEM file: RS256 (RSA) or ES256 (EC P-256) tokens")
     _add(s, "jwt-audience", None, help="required `aud` of tokens")
@@ -83,14 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "jwt-max-lifetime", d.jwt_max_lifetime, float,
          help="seconds from now to a token's exp, at most: longer ones are refused (0: no cap)")
     _add(s, "allowed-origins", None, help="comma-separated origins allowed to connect")
-    s.add_argument("--allow-missing-origin", action="store_true",
-                   default=_flag("allow-missing-origin"),
-                   help="with --allowed-origins: accept handshakes without Origin")  # fmt: skip
+    _bool(s, "allow-missing-origin", "with --allowed-origins: accept handshakes without Origin")
     _add(s, "app", None, help="module:attribute of a wscluster.App to run")
     _add(s, "api-key", None, help="key every /api/ and /metrics request must carry "
          "(Authorization: Bearer KEY); required when --api-host is not a loopback address")
-    s.add_argument("--api-insecure", action="store_true", default=_flag("api-insecure"),
-                   help="serve the API on a non-loopback --api-host without --api-key")  # fmt: skip
+    _bool(s, "api-insecure", "serve the API on a non-loopback --api-host without --api-key")
     _add(s, "max-connections", d.max_connections, int, help="WebSocket connections at once")
     _add(s, "max-message-size", d.max_message_size, int, help="bytes of one client message")
     _add(s, "max-frame-size", d.max_frame_size, int,
@@ -134,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR")
     _add(s, "workers", 1, int, help="worker processes (nodes) sharing --port through "
          "SO_REUSEPORT, worker i with API port api-port+i; 0: one per CPU")
-    s.add_argument("--reuse-port", action="store_true", default=_flag("reuse-port"),
-                   help=argparse.SUPPRESS)  # set by --workers on its workers  # fmt: skip
+    _bool(s, "reuse-port", argparse.SUPPRESS)  # set by --workers on its workers
     _multi(s, "history", "PATTERN=N/Ts: keep the last N messages of matching streams for T "
            "seconds, e.g. 'group:room:*=1000/300s' (repeatable); written as the cluster's "
            "rules, 'none' clears them; without it the node follows the cluster's")
@@ -155,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--broker", default=None, help=BROKER_HELP + " (default: start an embedded one)")
     u.add_argument("--presence", default=None,
                    help="presence store (default: the broker, or an embedded valkey)")
-    u.add_argument("--nats", action="store_true", default=_flag("nats"),
-                   help="start an embedded nats-server as the broker")  # fmt: skip
+    _bool(u, "nats", "start an embedded nats-server as the broker")
     _add(u, "namespace", "wsc", help="prefix of the cluster's channels and keys")
     _add(u, "app", None, help="module:attribute of a wscluster.App to run on every node")
     _add(u, "jwt-secret", None, help="HS256 tokens for clients (else anonymous)")
@@ -193,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "server-name", "_")
     _add(g, "ping-interval", 25.0, float, help="the nodes' --ping-interval (sets the timeouts)")
     _add(g, "limit-conn", 0, int, help="WebSocket connections per client IP (0: no limit)")
-    g.add_argument("--standalone", action="store_true", default=_flag("standalone"),
-                   help="a complete nginx.conf, its paths relative to nginx -p DIR")  # fmt: skip
+    _bool(g, "standalone", "a complete nginx.conf, its paths relative to nginx -p DIR")
     return parser
 
 

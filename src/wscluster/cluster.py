@@ -60,7 +60,7 @@ class Cluster:
         self.history_store: RedisHistory | None = None  # opened by the first history read
         self._own: Rules | None = _history_rules(self.broker, history) if history else None
         self.history_rules = self._own or Rules()
-        self.check_interval, self._follow = check_interval, True
+        self.check_interval = check_interval
         self._rules_at: float | None = None  # monotonic time of the last read of the rules
         self._reading: asyncio.Future[None] | None = None
         presence_url = presence_url or broker_url
@@ -77,7 +77,7 @@ class Cluster:
     @classmethod
     def attach(
         cls, broker: Broker, presence: Presence, names: Names, *, max_message_size: int,
-        max_session_size: int, timeout: float, history: Sequence[str] = (),
+        max_session_size: int, timeout: float,
     ) -> Cluster:  # fmt: skip
         """A Cluster that shares a running node's broker and presence connections (the node
         passes control replies to ``control.on_reply``)."""
@@ -85,9 +85,8 @@ class Cluster:
         self.names, self.broker, self.presence = names, broker, presence
         self.broker_url = ""
         self.history_store = None  # the node's store, if it has one (node.py)
-        self._own = _history_rules(broker, history) if history else None
-        self.history_rules = self._own or Rules()
-        self.check_interval, self._follow = 0.0, False  # the node refreshes them (rules.py)
+        self._own, self.history_rules = None, Rules()  # the node sets and refreshes them
+        self.check_interval = 0.0
         self._rules_at, self._reading = None, None
         self.max_message_size, self.max_session_size = max_message_size, max_session_size
         self.control = ControlClient(broker, names, timeout)
@@ -130,7 +129,7 @@ class Cluster:
     # --- the cluster's history rules --------------------------------------------------
     def adopt_rules(self, specs: Sequence[str]) -> bool:
         """Follow these cluster rules (unless this publisher has its own): True if changed."""
-        if self._own is not None or not hasattr(self.broker, "append_nowait"):
+        if self._own is not None or not stores_history(self.broker):
             return False
         if tuple(specs) == self.history_rules.specs:
             return False
@@ -151,8 +150,8 @@ class Cluster:
     async def _rules_fresh(self) -> None:
         """Read the rules before the first publish and once per ``check_interval`` (sends
         that come meanwhile wait for the read, and keep their order)."""
-        if self._own is not None or not self._follow:
-            return  # own rules, or attached to a node, which refreshes them (rules.py)
+        if self._own is not None or not self._owned:
+            return  # own rules, or attached to a node, which refreshes them (cluster_rules.py)
         at = self._rules_at
         if self._reading is None and (at is None or time.monotonic() - at >= self.check_interval):
             self._reading = asyncio.ensure_future(self.refresh_rules())
@@ -354,8 +353,13 @@ def _ids(exclude: Iterable[str]) -> tuple[str, ...]:
     return ids
 
 
+def stores_history(broker: Broker) -> bool:
+    """Whether the broker appends to history as it publishes (Redis only)."""
+    return hasattr(broker, "append_nowait")
+
+
 def _history_rules(broker: Broker, specs: Sequence[str]) -> Rules:
     rules = Rules(tuple(specs))  # ("none",): no rules
-    if rules and not hasattr(broker, "append_nowait"):
+    if rules and not stores_history(broker):
         raise ValueError("history (--history) needs a Redis broker")
     return rules

@@ -13,8 +13,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .cluster import stores_history
 from .errors import PresenceUnavailable
-from .history import Rules, specs_of
+from .history import specs_of
 
 if TYPE_CHECKING:
     from .node import Node
@@ -26,12 +27,12 @@ class ClusterRules:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.given = specs_of(node.config.history) if node.config.history else None
-        self.enabled = hasattr(node.broker, "append_nowait")  # history needs Redis
+        self.enabled = stores_history(node.broker)
         self.written = self.given is None or not self.enabled  # healthy only once written
         self.known: tuple[str, ...] | None = self.given  # what the store held last
         self._task: asyncio.Task[None] | None = None
         if self.given and self.enabled:  # in force until the store says otherwise
-            node.cluster.history_rules = Rules(self.given)
+            node.cluster.adopt_rules(self.given)
 
     async def start(self) -> None:
         if self.enabled:

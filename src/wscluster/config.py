@@ -121,12 +121,11 @@ class NodeConfig:
         parse_networks(self.trusted_proxies)  # raises ValueError naming the bad entry
         if self.allowed_origins is not None and not self.origins:
             raise ValueError("--allowed-origins needs at least one origin")
-        if self.rate_limit < 0 or self.rate_burst < 1:
-            raise ValueError("--rate-limit must be >= 0 and --rate-burst >= 1")
-        if self.ping_rate < 0 or self.ping_burst < 1:
-            raise ValueError("--ping-rate must be >= 0 and --ping-burst >= 1")
-        if self.send_rate_bytes < 0 or self.send_burst_bytes < 1:
-            raise ValueError("--send-rate-bytes must be >= 0 and --send-burst-bytes >= 1")
+        for rate, burst in (("rate_limit", "rate_burst"), ("ping_rate", "ping_burst"),
+                            ("send_rate_bytes", "send_burst_bytes")):  # fmt: skip
+            if getattr(self, rate) < 0 or getattr(self, burst) < 1:
+                raise ValueError(f"--{rate.replace('_', '-')} must be >= 0 and "
+                                 f"--{burst.replace('_', '-')} >= 1")  # fmt: skip
         if self.fragment_timeout < 0:
             raise ValueError("--fragment-timeout must be >= 0 (0: no limit)")
         from .preflight import PRESENCE_SCHEMES, check_url

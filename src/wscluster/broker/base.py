@@ -25,7 +25,7 @@ server):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from wscluster.errors import BrokerUnavailable
@@ -45,9 +45,24 @@ class ChannelRefused(BrokerUnavailable):
         self.reason = reason
 
 
-def not_utf8(channels: Iterable[str]) -> list[str]:
-    """The channels that are not UTF-8 (usually none: a fast check)."""
-    return [ch for ch in channels if not is_utf8(ch)]
+def utf8_refusal(channel: str) -> str | None:
+    """Why a broker refuses ``channel``: None, unless it is not UTF-8 (a fast check)."""
+    return None if is_utf8(channel) else "not valid UTF-8"
+
+
+async def refuse_bad(
+    subscribe: Callable[[list[str]], Awaitable[None]], channels: Iterable[str],
+    why: Callable[[str], str | None] = utf8_refusal,
+) -> list[str]:  # fmt: skip
+    """The channels of a ``subscribe``, deduplicated, once none is refused. Refused ones fail
+    alone: the others are subscribed (``subscribe`` again) and ``ChannelRefused`` names the
+    refused ones, which are never remembered (a resubscription sends none of them)."""
+    todo = list(dict.fromkeys(channels))
+    bad = {ch: reason for ch in todo if (reason := why(ch))}
+    if bad:
+        await subscribe([ch for ch in todo if ch not in bad])
+        raise ChannelRefused(bad, ", ".join(sorted(set(bad.values()))))
+    return todo
 
 
 class Broker(Protocol):

@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 
-from wscluster.broker.base import ChannelRefused, MessageHandler, StateHandler, not_utf8
+from wscluster.broker.base import MessageHandler, StateHandler, refuse_bad
 from wscluster.broker.state import LinkState
 from wscluster.errors import BrokerUnavailable
 from wscluster.routing import is_utf8
@@ -150,12 +150,7 @@ class MemoryBroker:
     async def subscribe(self, channels: Sequence[str]) -> None:
         if self._closed:
             raise BrokerUnavailable("broker closed")
-        todo = list(dict.fromkeys(channels))
-        refused = not_utf8(todo)
-        if refused:
-            bad = set(refused)
-            await self.subscribe([ch for ch in todo if ch not in bad])
-            raise ChannelRefused(refused, "not valid UTF-8")
+        todo = await refuse_bad(self.subscribe, channels)
         self._desired.update(todo)
         if self._state.connected:
             self.hub._add(self, todo)

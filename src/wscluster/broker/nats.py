@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import ChannelRefused, MessageHandler, StateHandler
+from wscluster.broker.base import MessageHandler, StateHandler, refuse_bad
 from wscluster.broker.nats_link import (
     LINK_ERRORS,
     MAX_BATCH,
@@ -134,11 +134,7 @@ class NatsBroker:
     async def subscribe(self, channels: Sequence[str]) -> None:
         if self._closing:
             raise BrokerUnavailable("broker closed")
-        todo = list(dict.fromkeys(channels))
-        bad = {ch: why for ch in todo if (why := refused(ch))}  # never remembered
-        if bad:
-            await self.subscribe([ch for ch in todo if ch not in bad])
-            raise ChannelRefused(bad, ", ".join(sorted(set(bad.values()))))
+        todo = await refuse_bad(self.subscribe, channels, refused)
         if not todo:
             return
         self._desired.update(dict.fromkeys(todo))

@@ -19,7 +19,7 @@ from aiormq import DeliveryError, spec
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import ChannelRefused, MessageHandler, not_utf8
+from wscluster.broker.base import MessageHandler, refuse_bad
 from wscluster.broker.state import fail_all
 from wscluster.errors import BrokerUnavailable
 from wscluster.routing import is_utf8
@@ -248,12 +248,7 @@ class Subscriber(Link):
     async def subscribe(self, channels: list[str]) -> None:
         if self.closing:
             raise BrokerUnavailable("broker closed")
-        refused = not_utf8(channels)  # never remembered: the others are subscribed
-        if refused:
-            bad = set(refused)
-            await self.subscribe([ch for ch in channels if ch not in bad])
-            raise ChannelRefused(dict.fromkeys(refused), "not valid UTF-8")
-        for channel in dict.fromkeys(channels):
+        for channel in await refuse_bad(self.subscribe, channels):
             key = routing_key(channel)
             self._desired[key] = channel
             self._dirty.add(key)

@@ -128,9 +128,7 @@ class Publisher:
                 item = queue.popleft()
                 size += item[1]
                 inflight.append(item)
-            packed = self._pack(conn)
-            if not inflight:
-                continue
+            packed = conn.pack_commands([command for command, _, _ in inflight])
             await conn.send_packed_command(packed, check_health=False)
             async with asyncio.timeout(self._publish_timeout):  # for the whole batch
                 while inflight:
@@ -149,24 +147,3 @@ class Publisher:
                         fut.set_result(reply if command[0] == "EVALSHA" else None)
                     else:
                         fut.set_exception(error)
-
-    def _pack(self, conn: AbstractConnection) -> list[bytes]:
-        """The in-flight commands, packed. One that cannot be packed (checked when queued:
-        never expected) fails alone and leaves the batch; the others go."""
-        inflight = self._inflight
-        try:
-            return conn.pack_commands([command for command, _, _ in inflight])
-        except Exception:
-            packed: list[bytes] = []
-            items = list(inflight)
-            inflight.clear()
-            for command, size, fut in items:
-                try:
-                    packed += conn.pack_command(*command)
-                except Exception as exc:
-                    self.pending_bytes -= size
-                    if not fut.done():
-                        fut.set_exception(BrokerUnavailable(f"publish refused: {exc!r}"))
-                else:
-                    inflight.append((command, size, fut))
-            return packed

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from redis.asyncio.connection import AbstractConnection
 
 from wscluster.backoff import Backoff
-from wscluster.broker.base import ChannelRefused, MessageHandler, not_utf8
+from wscluster.broker.base import MessageHandler, refuse_bad
 from wscluster.broker.redis_conn import PING_AFTER, PING_TIMEOUT, Connector, describe
 from wscluster.errors import BrokerUnavailable
 
@@ -59,12 +59,7 @@ class Subscriber:
     async def subscribe(self, channels: Sequence[str]) -> None:
         if self.closing:
             raise BrokerUnavailable("broker closed")
-        todo = list(dict.fromkeys(channels))
-        refused = not_utf8(todo)  # never remembered: each resubscription sends them all
-        if refused:
-            bad = set(refused)
-            await self.subscribe([ch for ch in todo if ch not in bad])
-            raise ChannelRefused(refused, "not valid UTF-8")
+        todo = await refuse_bad(self.subscribe, channels)
         if not todo:
             return
         self._desired.update(todo)

@@ -143,18 +143,13 @@ class MemoryPresence:
         for group in all_groups:
             self._leave(cid, group)
 
-    def _drop_node(self, node_id: str) -> list[ConnInfo]:
+    def _drop_node(self, node_id: str) -> None:
         s = self._s
         s.nodes.pop(node_id, None)
-        conns = s.conns.pop(node_id, {})
-        for cid, conn in conns.items():
+        for cid, conn in s.conns.pop(node_id, {}).items():
             self._set_uid(cid, conn.uid, None)
             for group in conn.groups:
                 self._leave(cid, group)
-        return [
-            ConnInfo(cid, c.uid, sorted(c.groups), decode_session(c.session))
-            for cid, c in sorted(conns.items())
-        ]
 
     def _find(self, node_id: str, cid: str) -> _Conn | None:
         """The record of ``cid``, whichever node it was added to (Redis keys it by cid)."""
