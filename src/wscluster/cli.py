@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, gctune, nginx
 from .config import NodeConfig, _loopback
-from .preflight import BROKER_SCHEMES, busy_port, redact, wait_reachable
+from .preflight import BROKER_SCHEMES, busy_port, unreachable
 
 if TYPE_CHECKING:
     from .app import App
@@ -298,15 +298,13 @@ def _preflight(config: NodeConfig, workers: int) -> str | None:
     taken = taken or busy_port([(config.api_host, api + i) for i in range(max(workers, 1))])
     if taken is not None:
         return taken
-    urls = [("--broker", config.broker)]
-    if config.presence is not None and config.presence != config.broker:
-        urls.append(("--presence", config.presence))
-    for option, url in urls:
-        why = wait_reachable(url, config.broker_timeout, forever=config.wait_for_broker)
-        if why is not None:
-            return (f"{option} {redact(url)} is not reachable after {config.broker_timeout:g} s "
-                    f"({why}); or pass --wait-for-broker to wait for it")
-    return None
+    down = unreachable(config.broker, config.presence, config.broker_timeout,
+                       forever=config.wait_for_broker)  # fmt: skip
+    if down is None:
+        return None
+    option, url, why = down
+    return (f"{option} {url} is not reachable after {config.broker_timeout:g} s ({why}); "
+            "or pass --wait-for-broker to wait for it")
 
 
 def load_app_spec(spec: str | None) -> App | None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .preflight import PRESENCE_SCHEMES, check_url, redact, wait_reachable
+from .preflight import check_urls, redact, unreachable
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -27,9 +27,7 @@ async def run(args: argparse.Namespace) -> int:
     from .errors import BrokerUnavailable, PresenceUnavailable, ProtocolError
 
     try:
-        check_url("--broker", args.broker)
-        if args.presence is not None:
-            check_url("--presence", args.presence, PRESENCE_SCHEMES)
+        check_urls(args.broker, args.presence)
         if not args.broker_timeout > 0:
             raise ValueError("--broker-timeout must be a positive number of seconds")
         history: tuple[str, ...] = tuple(
@@ -39,12 +37,10 @@ async def run(args: argparse.Namespace) -> int:
                           history=history)  # fmt: skip
     except ValueError as exc:
         return _fail(args, str(exc), 2)
-    for option, url in (("--broker", args.broker), ("--presence", args.presence)):
-        if url is not None:
-            why = await asyncio.to_thread(wait_reachable, url, args.broker_timeout,
-                                          fail_on_refused=True)  # fmt: skip
-            if why is not None:
-                return _fail(args, f"{option} {redact(url)} is not reachable: {why}", 1)
+    down = await asyncio.to_thread(unreachable, args.broker, args.presence,
+                                   args.broker_timeout, fail_on_refused=True)  # fmt: skip
+    if down is not None:
+        return _fail(args, "{} {} is not reachable: {}".format(*down), 1)
     # a one-shot command does not retry in the background: its broker log lines are noise
     logging.getLogger("wscluster.broker").setLevel(logging.CRITICAL)
     async with cluster:

@@ -129,3 +129,26 @@ def wait_reachable(
             return why
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def check_urls(broker: str | None, presence: str | None) -> None:
+    """ValueError naming ``--broker`` or ``--presence`` when its URL is malformed."""
+    if broker is not None:
+        check_url("--broker", broker)
+    if presence is not None:
+        check_url("--presence", presence, PRESENCE_SCHEMES)
+
+
+def unreachable(
+    broker: str | None, presence: str | None, timeout: float, **wait: bool
+) -> tuple[str, str, str] | None:
+    """The first of the broker and the presence store (once when they are the same server)
+    that does not answer within ``timeout`` (``wait_reachable``'s options): (option, its URL
+    without the password, why); None when both answer."""
+    for option, url in (("--broker", broker), ("--presence", presence)):
+        if url is None or (option == "--presence" and url == broker):
+            continue
+        why = wait_reachable(url, timeout, **wait)
+        if why is not None:
+            return option, redact(url), why
+    return None

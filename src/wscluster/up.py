@@ -23,7 +23,7 @@ from .embedded import (
 )
 from .localnginx import LocalNginx
 from .naming import new_node_id
-from .preflight import PRESENCE_SCHEMES, busy_port, check_url, redact, wait_reachable
+from .preflight import busy_port, check_urls, unreachable
 
 log = logging.getLogger("wscluster.up")
 
@@ -47,10 +47,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], node_id: str, timeout
 
 def _preflight(args: argparse.Namespace) -> str | None:
     """A usage mistake (exit 2) or a port taken (exit 1) found before anything starts."""
-    if args.broker is not None:
-        check_url("--broker", args.broker)
-    if args.presence is not None:
-        check_url("--presence", args.presence, PRESENCE_SCHEMES)
+    check_urls(args.broker, args.presence)
     ports = [(args.host, args.base_port + i) for i in range(1, args.nodes + 1)]
     ports += [("127.0.0.1", args.base_port + i + 1000) for i in range(1, args.nodes + 1)]
     if args.nginx:
@@ -95,12 +92,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if taken is not None:
         print(f"wscluster up: {taken} (another cluster? pass --base-port)", file=sys.stderr)
         return 1
-    for option, url in (("--broker", args.broker), ("--presence", args.presence)):
-        why = wait_reachable(url, 10.0, fail_on_refused=True) if url is not None else None
-        if why is not None:
-            print(f"wscluster up: {option} {redact(url)} is not reachable ({why})",
-                  file=sys.stderr)  # fmt: skip
-            return 1
+    down = unreachable(args.broker, args.presence, 10.0, fail_on_refused=True)
+    if down is not None:
+        print("wscluster up: {} {} is not reachable ({})".format(*down), file=sys.stderr)
+        return 1
     if args.app is not None:
         from .cli import load_app_spec
 
