@@ -98,6 +98,8 @@ async def test_reload_shows_what_the_user_sent_and_read(
     b = await WS.open(cluster.nodes[1].ws_url, bob)
     await b.ok({"type": "join", "group": room})
     await send(a, "hello room")
+    # the page sends when Enter is pressed, without waiting: let it reach the room first
+    assert (await b.next(timeout=15, type="message"))["data"] == {"text": "hello room"}
     await b.ok({"type": "send", "to": f"group:{room}", "data": {"text": "hi alice, in the room"}})
     await b.ok({"type": "send", "to": f"uid:{alice}", "data": {"text": "psst alice"}})
     await open_conv(a, f"dm:{bob}")
